@@ -1,0 +1,41 @@
+# qkv: two commands set everything up on a fresh Debian 12 machine.
+#   make demo   installs missing Debian packages, builds, runs `qkv demo`
+#   make test   the same setup, then the whole test suite (ctest)
+# Also: make build, make test-asan (AddressSanitizer + UBSan), make bench.
+SHELL := /bin/bash
+JOBS ?= $(shell nproc)
+# Debian packages the build and tests need (g++ 12, CMake and GoogleTest come
+# with the machine; checked anyway so a bare Debian 12 works too).
+PACKAGES := g++ cmake make libgtest-dev libbenchmark-dev libcli11-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: deps build demo test test-asan bench clean
+
+deps:
+	@missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+build: deps
+	cmake --preset release
+	cmake --build --preset release -j$(JOBS)
+
+demo: build
+	./build/release/qkv demo
+
+test: build
+	ctest --preset release -j$(JOBS)
+
+test-asan: deps
+	cmake --preset asan-ubsan
+	cmake --build --preset asan-ubsan -j$(JOBS)
+	ctest --preset asan-ubsan -j$(JOBS)
+
+bench: build
+	./build/release/qkv_bench
+
+clean:
+	rm -rf build

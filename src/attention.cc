@@ -1,0 +1,170 @@
+// The attention API: validates every argument once, then dispatches to a
+// kernel that assumes valid input (flash-attention's flash_api.cpp split).
+#include "qkv/attention.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <string>
+
+#include "qkv/error.h"
+#include "reference/reference_attention.h"
+
+namespace qkv {
+namespace {
+
+using internal::Problem;
+
+// More threads than this is a typo, not a machine: each thread also holds a
+// [kRefRows, seq_kv] score block, so the count bounds memory too.
+constexpr int kMaxThreads = 1024;
+
+std::string S(int64_t v) { return std::to_string(v); }
+
+bool IsFloat(DType d) {
+  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kFloat64;
+}
+
+void CheckTensor(const char* name, const Shape4& shape, const Shape4& strides, bool present,
+                 DType dtype, bool output) {
+  const bool empty = shape[0] == 0 || shape[1] == 0 || shape[2] == 0 || shape[3] == 0;
+  if (!present && !empty) throw Error(std::string(name) + ": missing (expected a tensor)");
+  if (!IsFloat(dtype)) {
+    throw Error(std::string(name) + ": dtype " + DTypeName(dtype) +
+                " is not supported (expected float32, float16 or float64)");
+  }
+  for (int d = 0; d < 4; ++d) {
+    if (shape[d] < 0) {
+      throw Error(std::string(name) + ": negative dimension in shape " + ShapeString(shape) +
+                  " (expected sizes >= 0)");
+    }
+    if (output && !empty && shape[d] > 1 && strides[d] == 0) {
+      throw Error(std::string(name) + ": stride 0 on dimension " + S(d) +
+                  " of an output (expected distinct elements)");
+    }
+  }
+}
+
+void CheckShape(const char* name, const Shape4& got, const Shape4& expected,
+                const char* names) {
+  if (got != expected) {
+    throw Error(std::string(name) + ": shape " + ShapeString(got) + " (expected " +
+                ShapeString(expected) + " = " + names + ")");
+  }
+}
+
+Problem Validate(const AttentionParams& p) {
+  CheckTensor("q", p.q.shape, p.q.strides, p.q.present(), p.q.dtype, false);
+  CheckTensor("k", p.k.shape, p.k.strides, p.k.present(), p.k.dtype, false);
+  CheckTensor("v", p.v.shape, p.v.strides, p.v.present(), p.v.dtype, false);
+  CheckTensor("out", p.out.shape, p.out.strides, p.out.present(), p.out.dtype, true);
+  Problem pr;
+  pr.batch = p.q.shape[0];
+  pr.num_q_heads = p.q.shape[1];
+  pr.seq_q = p.q.shape[2];
+  pr.head_dim = p.q.shape[3];
+  pr.num_kv_heads = p.k.shape[1];
+  pr.seq_kv = p.k.shape[2];
+  pr.head_dim_v = p.v.shape[3];
+  if (p.k.shape[0] != pr.batch || p.v.shape[0] != pr.batch) {
+    throw Error("k, v: batch " + S(p.k.shape[0]) + ", " + S(p.v.shape[0]) +
+                " (expected q's batch " + S(pr.batch) + ")");
+  }
+  if (p.k.shape[3] != pr.head_dim) {
+    throw Error("k: head_dim " + S(p.k.shape[3]) + " (expected q's head_dim " +
+                S(pr.head_dim) + ")");
+  }
+  if (p.v.shape[1] != pr.num_kv_heads || p.v.shape[2] != pr.seq_kv) {
+    throw Error("v: shape " + ShapeString(p.v.shape) + " (expected num_kv_heads " +
+                S(pr.num_kv_heads) + " and seq_kv " + S(pr.seq_kv) + " as in k)");
+  }
+  if (pr.num_kv_heads == 0 ? pr.num_q_heads != 0 : pr.num_q_heads % pr.num_kv_heads != 0) {
+    throw Error("k: num_kv_heads " + S(pr.num_kv_heads) +
+                " must divide q's num_q_heads " + S(pr.num_q_heads) +
+                " (expected a divisor: MHA equal, GQA a divisor, MQA 1)");
+  }
+  pr.group_size = pr.num_kv_heads == 0 ? 1 : pr.num_q_heads / pr.num_kv_heads;
+  CheckShape("out", p.out.shape, {pr.batch, pr.num_q_heads, pr.seq_q, pr.head_dim_v},
+             "[batch, num_q_heads, seq_q, head_dim_v]");
+  if (p.lse.present()) {
+    CheckTensor("lse", p.lse.shape, p.lse.strides, true, p.lse.dtype, true);
+    CheckShape("lse", p.lse.shape, {pr.batch, pr.num_q_heads, pr.seq_q, 1},
+               "[batch, num_q_heads, seq_q, 1]");
+  }
+  if (p.weights.present()) {
+    CheckTensor("weights", p.weights.shape, p.weights.strides, true, p.weights.dtype, true);
+    CheckShape("weights", p.weights.shape, {pr.batch, pr.num_q_heads, pr.seq_q, pr.seq_kv},
+               "[batch, num_q_heads, seq_q, seq_kv]");
+  }
+
+  const MaskSpec& m = p.mask;
+  if (m.window_left < -1 || m.window_right < -1) {
+    throw Error("window: (" + S(m.window_left) + ", " + S(m.window_right) +
+                ") (expected each side >= 0, or -1 for unbounded)");
+  }
+  if (!m.key_lengths.empty()) {
+    if (static_cast<int64_t>(m.key_lengths.size()) != pr.batch) {
+      throw Error("key_lengths: " + S(static_cast<int64_t>(m.key_lengths.size())) +
+                  " entries (expected one per batch = " + S(pr.batch) + ")");
+    }
+    for (size_t b = 0; b < m.key_lengths.size(); ++b) {
+      if (m.key_lengths[b] < 0 || m.key_lengths[b] > pr.seq_kv) {
+        throw Error("key_lengths[" + S(static_cast<int64_t>(b)) + "]: " +
+                    S(m.key_lengths[b]) + " (expected 0 <= length <= seq_kv = " +
+                    S(pr.seq_kv) + ")");
+      }
+    }
+  }
+  if (m.mask.present()) {
+    if (m.mask.dtype != DType::kBool && !IsFloat(m.mask.dtype)) {
+      throw Error(std::string("mask: dtype ") + DTypeName(m.mask.dtype) +
+                  " (expected bool, or float32/float16/float64 additive)");
+    }
+    const Shape4 target{pr.batch, pr.num_q_heads, pr.seq_q, pr.seq_kv};
+    for (int d = 0; d < 4; ++d) {
+      if (m.mask.shape[d] != target[d] && !(m.mask.shape[d] == 1 && m.mask.strides[d] == 0)) {
+        throw Error("mask: shape " + ShapeString(m.mask.shape) + " does not broadcast to " +
+                    ShapeString(target) + " (expected each dim equal, or 1 with stride 0)");
+      }
+    }
+  }
+  pr.scale = p.scale.value_or(DefaultScale(pr.head_dim));
+  if (!std::isfinite(pr.scale)) {
+    throw Error("scale: " + std::to_string(pr.scale) + " (expected a finite number)");
+  }
+  if (p.num_threads < 0 || p.num_threads > kMaxThreads) {
+    throw Error("num_threads: " + S(p.num_threads) + " (expected 0 to " + S(kMaxThreads) +
+                "; 0 = all cores)");
+  }
+  pr.threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+  return pr;
+}
+
+}  // namespace
+
+double DefaultScale(int64_t head_dim) {
+  return head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0;
+}
+
+const char* KernelName(Kernel kernel) {
+  switch (kernel) {
+    case Kernel::kAuto: return "auto";
+    case Kernel::kReference: return "reference";
+  }
+  return "unknown";
+}
+
+AttentionInfo Attention(const AttentionParams& params) {
+  const Problem problem = Validate(params);
+  AttentionInfo info;
+  info.kernel = Kernel::kReference;
+  info.reason = params.kernel == Kernel::kReference
+                    ? "reference: requested"
+                    : "reference: the only kernel in this build";
+  info.threads = problem.threads;
+  info.scratch_bytes = internal::ReferenceScratchBytes(problem, params.accumulate);
+  internal::ReferenceAttention(params, problem);
+  return info;
+}
+
+}  // namespace qkv
