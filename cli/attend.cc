@@ -85,6 +85,9 @@ int RunAttend(const AttendFlags& f) {
   Input q, k, v;
   if (random) {
     const std::vector<int64_t> s = ParseIntList(f.shape, 4, "--shape", false);
+    if (f.kv_heads < 0 || f.seq_kv < -1) {
+      throw Error("--kv-heads / --seq-kv: negative value (expected --kv-heads >= 1, --seq-kv >= 0)");
+    }
     const int64_t kv_heads = f.kv_heads > 0 ? f.kv_heads : s[1];
     const int64_t seq_kv = f.seq_kv >= 0 ? f.seq_kv : s[2];
     CheckFitsInMemory("--shape " + f.shape,
@@ -145,10 +148,12 @@ int RunAttend(const AttendFlags& f) {
   const DType out_dtype = q.view.dtype;
   const double out_elems = 1.0 * batch * heads * seq_q * head_dim_v;
   const double weight_elems = f.weights.empty() ? 0.0 : 1.0 * batch * heads * seq_q * seq_kv;
-  CheckFitsInMemory("the output", out_elems * DTypeSize(out_dtype) + 4.0 * weight_elems);
+  const double lse_elems = f.lse.empty() ? 0.0 : 1.0 * batch * heads * seq_q;
+  CheckFitsInMemory("the output",
+                    out_elems * DTypeSize(out_dtype) + 4.0 * (weight_elems + lse_elems));
   std::vector<unsigned char> out(static_cast<size_t>(out_elems) * DTypeSize(out_dtype));
   std::vector<float> weights(static_cast<size_t>(weight_elems));
-  std::vector<float> lse(f.lse.empty() ? 0 : static_cast<size_t>(batch * heads * seq_q));
+  std::vector<float> lse(static_cast<size_t>(lse_elems));
   p.out = bshd ? MutableTensorView::FromBSHD(out.data(), out_dtype, batch, seq_q, heads, head_dim_v)
                : MutableTensorView::Contiguous(out.data(), out_dtype,
                                                {batch, heads, seq_q, head_dim_v});
@@ -228,10 +233,11 @@ Runner AddAttendCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--weights", f.weights, "Write attention weights .npy, float32 [B,H,Nq,Nk]");
   cmd->add_option("--lse", f.lse, "Write log-sum-exp of each row .npy, float32 [B,H,Nq]");
-  cmd->add_option("--shape", f.shape, "Run on random N(0,1) inputs of shape B,H,N,D instead of files");
-  cmd->add_option("--kv-heads", f.kv_heads, "With --shape: KV heads (default H)");
-  cmd->add_option("--seq-kv", f.seq_kv, "With --shape: key count Nk (default N)");
-  cmd->add_option("--seed", f.seed, "With --shape: random seed")->capture_default_str();
+  auto* shape =
+      cmd->add_option("--shape", f.shape, "Run on random N(0,1) inputs of shape B,H,N,D instead of files");
+  cmd->add_option("--kv-heads", f.kv_heads, "With --shape: KV heads (default H)")->needs(shape);
+  cmd->add_option("--seq-kv", f.seq_kv, "With --shape: key count Nk (default N)")->needs(shape);
+  cmd->add_option("--seed", f.seed, "With --shape: random seed")->capture_default_str()->needs(shape);
   cmd->add_option("--kernel", f.kernel, "Kernel: auto or reference")
       ->check(CLI::IsMember({"auto", "reference"}))
       ->capture_default_str();

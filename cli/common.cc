@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -88,12 +89,21 @@ void OutputSet::Commit() {
         throw Error(e.path + ": cannot be written (expected a writable file path)");
       }
     }
+    // Every temporary is written; refuse targets a rename cannot replace
+    // (directories) before renaming any, so the set lands whole or not at all.
+    for (const Entry& e : entries_) {
+      struct stat st {};
+      if (stat(e.path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+        throw Error(e.path + ": is a directory (expected a file path for the output)");
+      }
+    }
     for (size_t i = 0; i < entries_.size(); ++i) {
       if (std::rename(temps[i].c_str(), entries_[i].path.c_str()) != 0) {
+        for (size_t done = 0; done < i; ++done) std::remove(entries_[done].path.c_str());
         throw Error(entries_[i].path + ": cannot write output (expected a writable path)");
       }
-      temps[i].clear();
     }
+    temps.clear();
   } catch (...) {
     remove_temps();
     throw;

@@ -28,6 +28,11 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    if (argc > 1 && argv[1][0] != '-' && app.get_subcommands().empty()) {
+      std::fprintf(stderr, "qkv: unknown command '%s' (expected attend or demo; see qkv --help)\n",
+                   argv[1]);
+      return 2;
+    }
     std::fprintf(stderr, "qkv: %s (see qkv --help)\n", FirstLine(e.what()).c_str());
     return 2;
   }

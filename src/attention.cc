@@ -3,6 +3,7 @@
 #include "qkv/attention.h"
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <string>
@@ -140,6 +141,19 @@ Problem Validate(const AttentionParams& p) {
   return pr;
 }
 
+// Refuses a kernel whose scratch would exceed this machine's physical
+// memory (e.g. a [64, seq_kv] score block with seq_kv = 2^40 from zero-sized
+// head dims): an error, not an unbounded allocation.
+void CheckScratch(const AttentionInfo& info) {
+  const double physical =
+      static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
+  if (static_cast<double>(info.scratch_bytes) > physical) {
+    throw Error(std::string(KernelName(info.kernel)) + " kernel: needs " +
+                std::to_string(info.scratch_bytes) + " bytes of scratch (expected at most the " +
+                std::to_string(static_cast<int64_t>(physical)) + " bytes of this machine's memory)");
+  }
+}
+
 }  // namespace
 
 double DefaultScale(int64_t head_dim) {
@@ -163,6 +177,13 @@ AttentionInfo Attention(const AttentionParams& params) {
                     : "reference: the only kernel in this build";
   info.threads = problem.threads;
   info.scratch_bytes = internal::ReferenceScratchBytes(problem, params.accumulate);
+  CheckScratch(info);
+  // Nothing to write (e.g. seq_q = 0, or head_dim_v = 0 without lse or
+  // weights): return before looping over dims that may be huge.
+  if (params.out.numel() == 0 && (!params.lse.present() || params.lse.numel() == 0) &&
+      (!params.weights.present() || params.weights.numel() == 0)) {
+    return info;
+  }
   internal::ReferenceAttention(params, problem);
   return info;
 }

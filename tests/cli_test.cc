@@ -6,11 +6,13 @@
 // nothing ever ends in a signal. Success paths are read back with
 // qkv::ReadNpy and checked against a float64 attention computed here.
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -25,8 +27,6 @@
 #include <thread>
 #include <vector>
 
-#include <gtest/gtest.h>
-
 #include "qkv/npy.h"
 #include "qkv/tensor.h"
 
@@ -38,9 +38,9 @@ namespace {
 namespace fs = std::filesystem;
 
 struct CliResult {
-  bool exited = false;   // normal exit (not a signal, not our timeout)
-  int status = -1;       // exit status when `exited`
-  int signal = 0;        // terminating signal otherwise
+  bool exited = false;  // normal exit (not a signal, not our timeout)
+  int status = -1;      // exit status when `exited`
+  int signal = 0;       // terminating signal otherwise
   bool timed_out = false;
   double seconds = 0.0;
   std::string out, err;
@@ -139,10 +139,18 @@ std::vector<float> AsFloat(const NpyArray& a) {
   std::vector<float> v(static_cast<size_t>(a.numel()));
   for (size_t i = 0; i < v.size(); ++i) {
     switch (a.dtype) {
-      case DType::kFloat32: v[i] = a.data<float>()[i]; break;
-      case DType::kFloat16: v[i] = HalfToFloat(a.data<uint16_t>()[i]); break;
-      case DType::kFloat64: v[i] = static_cast<float>(a.data<double>()[i]); break;
-      default: ADD_FAILURE() << "unexpected dtype " << DTypeName(a.dtype); return v;
+      case DType::kFloat32:
+        v[i] = a.data<float>()[i];
+        break;
+      case DType::kFloat16:
+        v[i] = HalfToFloat(a.data<uint16_t>()[i]);
+        break;
+      case DType::kFloat64:
+        v[i] = static_cast<float>(a.data<double>()[i]);
+        break;
+      default:
+        ADD_FAILURE() << "unexpected dtype " << DTypeName(a.dtype);
+        return v;
     }
   }
   return v;
@@ -167,9 +175,8 @@ struct Oracle {
   std::vector<double> out, weights, lse;
 };
 Oracle NaiveAttention(const std::vector<float>& q, const std::vector<float>& k,
-                      const std::vector<float>& v, int64_t batch, int64_t heads,
-                      int64_t kv_heads, int64_t seq_q, int64_t seq_kv, int64_t dim,
-                      int64_t dim_v) {
+                      const std::vector<float>& v, int64_t batch, int64_t heads, int64_t kv_heads,
+                      int64_t seq_q, int64_t seq_kv, int64_t dim, int64_t dim_v) {
   Oracle o;
   o.out.assign(static_cast<size_t>(batch * heads * seq_q * dim_v), 0.0);
   o.weights.assign(static_cast<size_t>(batch * heads * seq_q * seq_kv), 0.0);
@@ -214,8 +221,8 @@ void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
     if (!(err <= bound)) ++bad;
     if (!(err <= worst_err)) worst_err = err, worst = i;
   }
-  EXPECT_EQ(bad, 0u) << what << ": worst index " << worst << " expected " << want[worst]
-                     << " got " << got[worst] << " bound " << bound;
+  EXPECT_EQ(bad, 0u) << what << ": worst index " << worst << " expected " << want[worst] << " got "
+                     << got[worst] << " bound " << bound;
 }
 
 class CliTest : public ::testing::Test {
@@ -274,10 +281,11 @@ class CliTest : public ::testing::Test {
   std::vector<std::string> AttendArgs(const std::vector<std::string>& extra,
                                       const std::string& q = "", const std::string& k = "",
                                       const std::string& v = "") const {
-    std::vector<std::string> a = {"attend",  "--q",     q.empty() ? q_ : q,
-                                  "--k",     k.empty() ? k_ : k,
-                                  "--v",     v.empty() ? v_ : v,
-                                  "--out",   out_,      "--weights", weights_, "--lse", lse_};
+    std::vector<std::string> a = {"attend", "--q", q.empty() ? q_ : q, "--k", k.empty() ? k_ : k};
+    for (const std::string& s : {std::string("--v"), v.empty() ? v_ : v, std::string("--out"), out_,
+                                 std::string("--weights"), weights_, std::string("--lse"), lse_}) {
+      a.push_back(s);
+    }
     a.insert(a.end(), extra.begin(), extra.end());
     return a;
   }
@@ -372,14 +380,13 @@ TEST_F(CliTest, HugeShapeIsRefusedByMemoryCheck) {
                             "1099511627776,1099511627776,1099511627776,1099511627776"}) {
     const auto start = std::chrono::steady_clock::now();
     ExpectUsageError({"attend", "--shape", shape}, "would need", {}, 5.0);
-    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-              2.0);
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 2.0);
   }
-  ExpectUsageError({"attend", "--shape", "1,1,1,1", "--seq-kv", "100000000000"}, "would need",
-                   {}, 5.0);
+  ExpectUsageError({"attend", "--shape", "1,1,1,1", "--seq-kv", "100000000000"}, "would need", {},
+                   5.0);
   // Weights of 1e6 x 1e6 floats from small random inputs.
-  ExpectUsageError({"attend", "--shape", "1,1,1000000,1", "--weights", weights_}, "would need",
-                   {}, 5.0);
+  ExpectUsageError({"attend", "--shape", "1,1,1000000,1", "--weights", weights_}, "would need", {},
+                   5.0);
 }
 
 TEST_F(CliTest, LayoutWithShape) {
@@ -388,8 +395,7 @@ TEST_F(CliTest, LayoutWithShape) {
 
 TEST_F(CliTest, BothCausalAlignments) {
   ExpectUsageError(AttendArgs({"--causal", "--causal-top-left"}), "--causal");
-  ExpectUsageError({"attend", "--shape", "1,2,4,8", "--causal-top-left", "--causal"},
-                   "excludes");
+  ExpectUsageError({"attend", "--shape", "1,2,4,8", "--causal-top-left", "--causal"}, "excludes");
 }
 
 TEST_F(CliTest, BadWindow) {
@@ -398,7 +404,7 @@ TEST_F(CliTest, BadWindow) {
   ExpectUsageError(AttendArgs({"--window", "-2", "0"}), "window");
   ExpectUsageError(AttendArgs({"--window", "0", "-5"}), "window");
   ExpectUsageError(AttendArgs({"--window", "x", "1"}), "--window");
-  ExpectUsageError(AttendArgs({"--window", "1", "2", "3"}), "3");
+  ExpectUsageError(AttendArgs({"--window", "1", "2", "3"}), "--window");
 }
 
 TEST_F(CliTest, BadLayoutKernelThreadsScale) {
@@ -537,25 +543,24 @@ TEST_F(CliTest, BadKeyLengths) {
 TEST_F(CliTest, OutputInNonexistentDirectory) {
   // --out fails; the valid --weights and --lse must not be left behind.
   const std::string bad = Path("nodir/out.npy");
-  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", bad, "--weights",
-                    weights_, "--lse", lse_},
+  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", bad, "--weights", weights_,
+                    "--lse", lse_},
                    "nodir/out.npy", {bad});
   // --lse fails after --out and --weights were written to temporaries.
   const std::string bad_lse = Path("nodir/lse.npy");
-  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", out_, "--weights",
-                    weights_, "--lse", bad_lse},
+  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", out_, "--weights", weights_,
+                    "--lse", bad_lse},
                    "nodir/lse.npy", {bad_lse});
   // With --shape too.
-  ExpectUsageError({"attend", "--shape", "1,2,4,8", "--out", bad, "--lse", lse_}, "nodir",
-                   {bad});
+  ExpectUsageError({"attend", "--shape", "1,2,4,8", "--out", bad, "--lse", lse_}, "nodir", {bad});
 }
 
 // All-or-nothing: when the last output cannot be renamed into place (its path
 // is an existing directory), the earlier outputs must not be left behind.
 TEST_F(CliTest, OutputOntoDirectoryLeavesNothing) {
   fs::create_directory(Path("lse_dir"));
-  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", out_, "--weights",
-                    weights_, "--lse", Path("lse_dir")},
+  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", out_, "--weights", weights_,
+                    "--lse", Path("lse_dir")},
                    "lse_dir");
   fs::create_directory(Path("out_dir"));
   ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", Path("out_dir")},
@@ -586,9 +591,9 @@ TEST_F(CliTest, BshdWrongShapes) {
                    "head_dim");
   // 3-D q with bshd names the bshd order.
   WriteF32(Path("q_bshd3.npy"), {kNq, kH, kD});
-  ExpectUsageError(AttendArgs({"--layout", "bshd"}, Path("q_bshd3.npy"), Path("k_bshd.npy"),
-                              Path("v_bshd.npy")),
-                   "[batch, seq, heads, dim]");
+  ExpectUsageError(
+      AttendArgs({"--layout", "bshd"}, Path("q_bshd3.npy"), Path("k_bshd.npy"), Path("v_bshd.npy")),
+      "[batch, seq, heads, dim]");
   // A bshd mask that does not broadcast against [B, H, Nq, Nk].
   WriteF32(Path("mask_bshd.npy"), {kB, kNq, kH, kNk});
   ExpectUsageError(AttendArgs({"--layout", "bshd", "--mask", Path("mask_bshd.npy")},
@@ -596,17 +601,35 @@ TEST_F(CliTest, BshdWrongShapes) {
                    "broadcast");
 }
 
-// Zero-size arrays cost no file bytes but may declare huge other dims: the
-// memory check must still bound the run (q [1,1,2^40,0] would loop 2^40 rows
-// and --lse would allocate 4 TiB).
+// Zero-size arrays cost no file bytes but may declare huge other dims; every
+// allocation and the work must still be bounded, with exit 2.
 TEST_F(CliTest, ZeroHeadDimWithHugeSeqIsBounded) {
   const int64_t huge = int64_t{1} << 40;
-  WriteNpy(Path("q0.npy"), DType::kFloat32, std::vector<int64_t>{1, 1, huge, 0}, nullptr);
-  WriteNpy(Path("k0.npy"), DType::kFloat32, std::vector<int64_t>{1, 1, 1, 0}, nullptr);
-  WriteNpy(Path("v0.npy"), DType::kFloat32, std::vector<int64_t>{1, 1, 1, 0}, nullptr);
-  ExpectUsageError({"attend", "--q", Path("q0.npy"), "--k", Path("k0.npy"), "--v",
-                    Path("v0.npy"), "--out", out_, "--lse", lse_},
-                   "would need", {}, 3.0);
+  auto write_empty = [&](const std::string& name, std::vector<int64_t> shape) {
+    WriteNpy(Path(name), DType::kFloat32, shape, nullptr);
+    return Path(name);
+  };
+  const std::string q_long = write_empty("q_long.npy", {1, 1, huge, 0});
+  const std::string q_one = write_empty("q_one.npy", {1, 1, 1, 0});
+  const std::string kv_one = write_empty("kv_one.npy", {1, 1, 1, 0});
+  const std::string kv_long = write_empty("kv_long.npy", {1, 1, huge, 0});
+  // --lse [1,1,2^40] float32 = 4 TiB is allocated without the memory check.
+  ExpectUsageError(
+      {"attend", "--q", q_long, "--k", kv_one, "--v", kv_one, "--out", out_, "--lse", lse_},
+      "expected", {}, 3.0);
+  // 2^40 keys of head_dim 0: nothing to allocate, but the kernel loops over
+  // every key of the one query row (hours), so the run must be refused.
+  ExpectUsageError({"attend", "--q", q_one, "--k", kv_long, "--v", kv_long, "--out", out_},
+                   "expected", {}, 3.0);
+}
+
+// --kv-heads, --seq-kv and --seed only apply to --shape, as --layout only
+// applies to files (which is refused with --shape); with files they must be
+// refused, not silently ignored.
+TEST_F(CliTest, ShapeOnlyFlagsWithFilesAreRefused) {
+  ExpectUsageError(AttendArgs({"--kv-heads", "1"}), "--kv-heads");
+  ExpectUsageError(AttendArgs({"--seq-kv", "3"}), "--seq-kv");
+  ExpectUsageError(AttendArgs({"--seed", "3"}), "--seed");
 }
 
 // ---------------------------------------------------------------------------
@@ -643,9 +666,8 @@ TEST_F(CliTest, Float16InputsGiveFloat16Output) {
   write_f16(Path("q16.npy"), {kB, kH, kNq, kD}, q_data_);  // multiples of 1/64: exact in half
   write_f16(Path("k16.npy"), {kB, kHkv, kNk, kD}, k_data_);
   write_f16(Path("v16.npy"), {kB, kHkv, kNk, kDv}, v_data_);
-  const CliResult r =
-      Run({"attend", "--q", Path("q16.npy"), "--k", Path("k16.npy"), "--v", Path("v16.npy"),
-           "--out", out_, "--weights", weights_});
+  const CliResult r = Run({"attend", "--q", Path("q16.npy"), "--k", Path("k16.npy"), "--v",
+                           Path("v16.npy"), "--out", out_, "--weights", weights_});
   ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
   const NpyArray out = ReadNpy(out_);
   EXPECT_EQ(out.dtype, DType::kFloat16);
@@ -657,8 +679,8 @@ TEST_F(CliTest, Float16InputsGiveFloat16Output) {
 }
 
 TEST_F(CliTest, BshdEqualsBhsdTransposed) {
-  const CliResult bhsd = Run({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", out_,
-                              "--causal", "--lse", lse_});
+  const CliResult bhsd =
+      Run({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", out_, "--causal", "--lse", lse_});
   ASSERT_TRUE(bhsd.exited && bhsd.status == 0) << Describe(bhsd);
   WriteF32(Path("q_bshd.npy"), {kB, kNq, kH, kD}, SwapAxes12(q_data_, kB, kH, kNq, kD));
   WriteF32(Path("k_bshd.npy"), {kB, kNk, kHkv, kD}, SwapAxes12(k_data_, kB, kHkv, kNk, kD));
@@ -687,8 +709,8 @@ TEST_F(CliTest, MaskAndKeyLengthsRun) {
   mask[0] = 0;
   WriteNpy(Path("mask.npy"), DType::kBool, std::vector<int64_t>{kNq, kNk}, mask.data());
   WriteI32(Path("kl.npy"), {kB}, {kNk - 1});
-  const CliResult r = Run(AttendArgs({"--mask", Path("mask.npy"), "--key-lengths",
-                                      Path("kl.npy"), "--window", "-1", "3"}));
+  const CliResult r = Run(AttendArgs(
+      {"--mask", Path("mask.npy"), "--key-lengths", Path("kl.npy"), "--window", "-1", "3"}));
   ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
   const NpyArray w = ReadNpy(weights_);
   const std::vector<float> wf = AsFloat(w);
@@ -706,20 +728,21 @@ TEST_F(CliTest, HelpListsEveryAttendFlag) {
   EXPECT_EQ(top.status, 0);
   EXPECT_NE(top.out.find("attend"), std::string::npos) << top.out;
   EXPECT_NE(top.out.find("demo"), std::string::npos) << top.out;
-  const char* flags[] = {"--q",     "--k",           "--v",          "--out",
-                         "--mask",  "--causal",      "--causal-top-left",
-                         "--window", "--key-lengths", "--scale",     "--layout",
-                         "--weights", "--lse",       "--shape",      "--seed",
-                         "--kernel", "--threads"};
+  const std::string all_flags =
+      "--q --k --v --out --mask --causal --causal-top-left --window --key-lengths --scale "
+      "--layout --weights --lse --shape --seed --kernel --threads";
+  std::vector<std::string> flags;
+  std::istringstream words(all_flags);
+  for (std::string w; words >> w;) flags.push_back(w);
   for (const std::vector<std::string>& args :
        {std::vector<std::string>{"attend", "--help"}, std::vector<std::string>{"--help-all"}}) {
     const CliResult r = Run(args);
     ASSERT_TRUE(r.exited) << Describe(r);
     EXPECT_EQ(r.status, 0) << args[0];
     EXPECT_EQ(r.err, "");
-    for (const char* flag : flags) {
-      EXPECT_NE(r.out.find(std::string(flag) + " "), std::string::npos)
-          << args[0] << " lacks " << flag << ":\n" << r.out;
+    for (const std::string& flag : flags) {
+      EXPECT_NE(r.out.find(flag + " "), std::string::npos) << args[0] << " lacks " << flag << ":\n"
+                                                           << r.out;
     }
   }
 }
@@ -738,6 +761,16 @@ TEST_F(CliTest, RandomShapeRunPrintsSummary) {
   EXPECT_EQ(ReadNpy(out_).shape, (std::vector<int64_t>{2, 4, 3, 8}));
   EXPECT_EQ(ReadNpy(weights_).shape, (std::vector<int64_t>{2, 4, 3, 7}));
   EXPECT_EQ(ReadNpy(lse_).shape, (std::vector<int64_t>{2, 4, 3}));
+  // Window sides far beyond the sequence (no overflow in i + d + R), seq_kv 0.
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"attend", "--shape", "1,2,4,8", "--window", "0",
+                                 "9223372036854775807"},
+        std::vector<std::string>{"attend", "--shape", "1,2,4,8", "--causal-top-left", "--window",
+                                 "9223372036854775807", "9223372036854775807"},
+        std::vector<std::string>{"attend", "--shape", "1,2,4,8", "--seq-kv", "0"}}) {
+    const CliResult w = Run(args);
+    EXPECT_TRUE(w.exited && w.status == 0) << args[4] << " " << Describe(w);
+  }
 }
 
 TEST_F(CliTest, DemoPrintsOk) {

@@ -41,7 +41,14 @@ struct BasicTensorView {
 
   // True when the view points at data (optional outputs are left empty).
   bool present() const { return data != nullptr; }
-  int64_t numel() const { return shape[0] * shape[1] * shape[2] * shape[3]; }
+  // Returns the element count; 0 when any dim is 0 (even if the others'
+  // product would overflow, as zero-sized .npy files can declare).
+  int64_t numel() const {
+    for (int64_t s : shape) {
+      if (s == 0) return 0;
+    }
+    return shape[0] * shape[1] * shape[2] * shape[3];
+  }
   // Returns the element offset of (i0, i1, i2, i3).
   int64_t Offset(int64_t i0, int64_t i1, int64_t i2, int64_t i3) const {
     return i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3];

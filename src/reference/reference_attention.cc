@@ -177,10 +177,12 @@ void Run(const AttentionParams& p, const Problem& pr) {
 }  // namespace
 
 int64_t ReferenceScratchBytes(const Problem& pr, Accumulate accumulate) {
-  const int64_t t = accumulate == Accumulate::kFloat64 ? 8 : 4;
-  const int64_t shared = pr.seq_kv * (pr.head_dim + pr.head_dim_v) * t;
-  const int64_t per_thread = (kRefRows * pr.seq_kv + pr.head_dim + pr.head_dim_v) * t;
-  return shared + per_thread * pr.threads;
+  // In double: zero-sized tensors can declare dims near 2^62 (saturates).
+  const double t = accumulate == Accumulate::kFloat64 ? 8 : 4;
+  const double shared = 1.0 * pr.seq_kv * (pr.head_dim + pr.head_dim_v) * t;
+  const double per_thread = (1.0 * kRefRows * pr.seq_kv + pr.head_dim + pr.head_dim_v) * t;
+  const double bytes = shared + per_thread * pr.threads;
+  return bytes >= 9.2e18 ? INT64_MAX : static_cast<int64_t>(bytes);
 }
 
 void ReferenceAttention(const AttentionParams& params, const Problem& problem) {
