@@ -110,7 +110,7 @@ int RunAttend(const AttendFlags& f) {
   p.v = v.view;
   p.scale = f.scale;
   p.num_threads = f.threads;
-  p.kernel = f.kernel == "reference" ? Kernel::kReference : Kernel::kAuto;
+  p.kernel = KernelFromName(f.kernel);
   p.mask.causal = f.causal || f.causal_top_left;
   p.mask.alignment = f.causal_top_left ? Alignment::kTopLeft : Alignment::kBottomRight;
   if (!f.window.empty()) {
@@ -238,8 +238,8 @@ Runner AddAttendCommand(CLI::App& app) {
   cmd->add_option("--kv-heads", f.kv_heads, "With --shape: KV heads (default H)")->needs(shape);
   cmd->add_option("--seq-kv", f.seq_kv, "With --shape: key count Nk (default N)")->needs(shape);
   cmd->add_option("--seed", f.seed, "With --shape: random seed")->capture_default_str()->needs(shape);
-  cmd->add_option("--kernel", f.kernel, "Kernel: auto or reference")
-      ->check(CLI::IsMember({"auto", "reference"}))
+  cmd->add_option("--kernel", f.kernel, "Kernel (auto picks; --verbose says which ran and why)")
+      ->check(CLI::IsMember(KernelNames()))
       ->capture_default_str();
   cmd->add_option("--threads", f.threads, "Threads (0 = all cores); results never depend on it")
       ->capture_default_str();

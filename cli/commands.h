@@ -15,6 +15,7 @@ using Runner = std::function<int()>;
 
 Runner AddAttendCommand(CLI::App& app);
 Runner AddDemoCommand(CLI::App& app);
+Runner AddBenchCommand(CLI::App& app);
 
 }  // namespace qkv::cli
 

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   const qkv::cli::Runner runners[] = {
       qkv::cli::AddAttendCommand(app),
       qkv::cli::AddDemoCommand(app),
+      qkv::cli::AddBenchCommand(app),
   };
   const std::vector<CLI::App*> all = app.get_subcommands({});  // in the order added
   try {
@@ -29,7 +30,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
     if (argc > 1 && argv[1][0] != '-' && app.get_subcommands().empty()) {
-      std::fprintf(stderr, "qkv: unknown command '%s' (expected attend or demo; see qkv --help)\n",
+      std::fprintf(stderr, "qkv: unknown command '%s' (expected attend, demo or bench; see qkv --help)\n",
                    argv[1]);
       return 2;
     }

@@ -168,6 +168,19 @@ const char* KernelName(Kernel kernel) {
   return "unknown";
 }
 
+std::vector<std::string> KernelNames() {
+  std::vector<std::string> names;
+  for (Kernel k : {Kernel::kAuto, Kernel::kReference}) names.push_back(KernelName(k));
+  return names;
+}
+
+Kernel KernelFromName(const std::string& name) {
+  for (Kernel k : {Kernel::kAuto, Kernel::kReference}) {
+    if (name == KernelName(k)) return k;
+  }
+  throw Error("kernel: '" + name + "' (expected one of auto, reference)");
+}
+
 AttentionInfo Attention(const AttentionParams& params) {
   const Problem problem = Validate(params);
   AttentionInfo info;
@@ -176,6 +189,7 @@ AttentionInfo Attention(const AttentionParams& params) {
                     ? "reference: requested"
                     : "reference: the only kernel in this build";
   info.threads = problem.threads;
+  info.simd_target = "baseline";  // compiler-vectorised for the build's base ISA
   info.scratch_bytes = internal::ReferenceScratchBytes(problem, params.accumulate);
   CheckScratch(info);
   // Nothing to write (e.g. seq_q = 0, or head_dim_v = 0 without lse or

@@ -14,6 +14,7 @@ size_t DTypeSize(DType dtype) {
     case DType::kBool: return 1;
     case DType::kInt32: return 4;
     case DType::kInt64: return 8;
+    case DType::kBFloat16: return 2;
   }
   return 0;
 }
@@ -26,6 +27,7 @@ const char* DTypeName(DType dtype) {
     case DType::kBool: return "bool";
     case DType::kInt32: return "int32";
     case DType::kInt64: return "int64";
+    case DType::kBFloat16: return "bfloat16";
   }
   return "unknown";
 }
@@ -76,6 +78,15 @@ uint16_t FloatToHalf(float value) {
   x += 0xfffu + ((x >> 13) & 1u);
   x -= (127u - 15u) << 23;
   return sign | static_cast<uint16_t>(x >> 13);
+}
+
+float BFloat16ToFloat(uint16_t bits) { return BitsFloat(static_cast<uint32_t>(bits) << 16); }
+
+uint16_t FloatToBFloat16(float value) {
+  const uint32_t x = FloatBits(value);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet NaN
+  // Round to nearest even: add 0x7fff plus the lsb that is kept.
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
 std::string ShapeString(const Shape4& shape) {

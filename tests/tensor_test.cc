@@ -53,6 +53,25 @@ TEST(TensorTest, FloatToHalfRoundsToNearestEven) {
   EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -26)), 0);  // below half the smallest subnormal
 }
 
+// bfloat16 is the top half of a float: every value round-trips, and the
+// midpoint between neighbours rounds to the even one.
+TEST(TensorTest, BFloat16RoundsToNearestEven) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = BFloat16ToFloat(static_cast<uint16_t>(h));
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(BFloat16ToFloat(FloatToBFloat16(f)))) << h;
+      continue;
+    }
+    EXPECT_EQ(FloatToBFloat16(f), h) << h;
+    if ((h & 0x7fffu) >= 0x7f7fu) continue;  // next is inf or NaN
+    const double mid = (static_cast<double>(f) + BFloat16ToFloat(static_cast<uint16_t>(h + 1))) / 2;
+    const uint32_t even = (h % 2 == 0) ? h : h + 1;
+    EXPECT_EQ(FloatToBFloat16(static_cast<float>(mid)), even) << h;
+  }
+  EXPECT_EQ(BFloat16ToFloat(0x3f80), 1.0f);
+  EXPECT_EQ(DTypeSize(DType::kBFloat16), 2u);
+}
+
 TEST(TensorTest, ViewsAddressBhsdAndBshd) {
   const auto c = TensorView::Contiguous(nullptr, DType::kFloat32, {2, 3, 4, 5});
   EXPECT_EQ(c.strides, (Shape4{60, 20, 5, 1}));

@@ -23,6 +23,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "qkv/mask.h"
 #include "qkv/tensor.h"
@@ -59,6 +60,7 @@ struct AttentionInfo {
   std::string reason;         // one line: why this kernel
   int64_t scratch_bytes = 0;  // working memory the kernel allocated
   int threads = 1;
+  std::string simd_target;    // e.g. "AVX3" (Highway target) or "baseline"
 };
 
 // Computes attention as documented above. Validates every view, the mask and
@@ -69,8 +71,12 @@ AttentionInfo Attention(const AttentionParams& params);
 // Returns the default scale 1 / sqrt(head_dim) (1 when head_dim is 0).
 double DefaultScale(int64_t head_dim);
 
-// Returns "reference" / "auto".
+// Returns the kernel's name: "auto", "reference", ...
 const char* KernelName(Kernel kernel);
+// Returns the kernel called `name` (as KernelName spells it); throws qkv::Error.
+Kernel KernelFromName(const std::string& name);
+// Returns every kernel name, for command-line choices.
+std::vector<std::string> KernelNames();
 
 }  // namespace qkv
 

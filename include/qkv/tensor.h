@@ -15,11 +15,12 @@
 
 namespace qkv {
 
-enum class DType : uint8_t { kFloat32, kFloat16, kFloat64, kBool, kInt32, kInt64 };
+enum class DType : uint8_t { kFloat32, kFloat16, kFloat64, kBool, kInt32, kInt64, kBFloat16 };
 
 // Returns the size of one element in bytes.
 size_t DTypeSize(DType dtype);
-// Returns a short name: "float32", "float16", "float64", "bool", "int32", "int64".
+// Returns a short name: "float32", "float16", "float64", "bool", "int32",
+// "int64", "bfloat16".
 const char* DTypeName(DType dtype);
 
 // Converts IEEE binary16 bits to float (exact: every half is a float).
@@ -27,6 +28,11 @@ float HalfToFloat(uint16_t bits);
 // Converts float to IEEE binary16 bits, rounding to nearest even; overflow
 // gives +-inf, NaN stays NaN (quiet), tiny values become subnormal or +-0.
 uint16_t FloatToHalf(float value);
+
+// Converts bfloat16 bits (the top half of a float) to float, exactly.
+float BFloat16ToFloat(uint16_t bits);
+// Converts float to bfloat16 bits, rounding to nearest even; NaN stays NaN.
+uint16_t FloatToBFloat16(float value);
 
 using Shape4 = std::array<int64_t, 4>;
 

@@ -1,0 +1,141 @@
+// qkv_roofline: the machine's measured ceilings, for BENCHMARKS.md. Only
+// useful for performance measurement: it checks nothing.
+//   fma_peak: a register-only loop of independent vector FMAs on every
+//             thread (AVX-512, else AVX2+FMA): the float32 flop/s ceiling.
+//   sgemm:    OpenBLAS cblas_sgemm, M = N = K = 2048, row-major: what a
+//             tuned matrix multiply reaches on the same threads.
+//   copy:     memcpy of 1 GiB (read + write bytes counted): the bandwidth.
+// Prints one JSON object. Flop counts: FMA = 2 flops per lane; SGEMM 2·M·N·K.
+#include <cblas.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+double Seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// 12 independent accumulators: 2 FMA ports x 4-cycle latency = 8 FMAs in
+// flight needed; 12 leaves slack and still fits the 32 zmm registers.
+__attribute__((target("avx512f"))) double FmaLoopAvx512(int64_t iters) {
+  __m512 a0 = _mm512_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+         a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+  const __m512 m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i) {
+    a0 = _mm512_fmadd_ps(a0, m, c); a1 = _mm512_fmadd_ps(a1, m, c);
+    a2 = _mm512_fmadd_ps(a2, m, c); a3 = _mm512_fmadd_ps(a3, m, c);
+    a4 = _mm512_fmadd_ps(a4, m, c); a5 = _mm512_fmadd_ps(a5, m, c);
+    a6 = _mm512_fmadd_ps(a6, m, c); a7 = _mm512_fmadd_ps(a7, m, c);
+    a8 = _mm512_fmadd_ps(a8, m, c); a9 = _mm512_fmadd_ps(a9, m, c);
+    a10 = _mm512_fmadd_ps(a10, m, c); a11 = _mm512_fmadd_ps(a11, m, c);
+  }
+  const __m512 s = _mm512_add_ps(
+      _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
+      _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)),
+                    _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11))));
+  float lanes[16];
+  _mm512_storeu_ps(lanes, s);  // keeps the loop live; the value is ~0-weighted
+  return lanes[0] * 1e-30 + 12.0 * 16 * 2 * static_cast<double>(iters);  // flops
+}
+
+__attribute__((target("avx2,fma"))) double FmaLoopAvx2(int64_t iters) {
+  __m256 a0 = _mm256_set1_ps(1.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+         a7 = a0, a8 = a0, a9 = a0;
+  const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i) {
+    a0 = _mm256_fmadd_ps(a0, m, c); a1 = _mm256_fmadd_ps(a1, m, c);
+    a2 = _mm256_fmadd_ps(a2, m, c); a3 = _mm256_fmadd_ps(a3, m, c);
+    a4 = _mm256_fmadd_ps(a4, m, c); a5 = _mm256_fmadd_ps(a5, m, c);
+    a6 = _mm256_fmadd_ps(a6, m, c); a7 = _mm256_fmadd_ps(a7, m, c);
+    a8 = _mm256_fmadd_ps(a8, m, c); a9 = _mm256_fmadd_ps(a9, m, c);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, _mm256_add_ps(
+                              _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                              _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)),
+                                            _mm256_add_ps(a8, a9))));
+  return lanes[0] * 1e-30 + 10.0 * 8 * 2 * static_cast<double>(iters);  // flops
+}
+
+// Returns the best of 5 runs of the FMA loop on `threads` threads, in flop/s.
+double FmaPeak(int threads, const char** isa) {
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  *isa = avx512 ? "avx512" : "avx2";
+  const int64_t iters = 50'000'000;
+  double best = 0.0;
+  for (int rep = 0; rep < 5; ++rep) {
+    double flops = 0.0;
+    const double t0 = Seconds();
+#pragma omp parallel num_threads(threads) reduction(+ : flops)
+    flops += avx512 ? FmaLoopAvx512(iters) : FmaLoopAvx2(iters);
+    best = std::max(best, flops / (Seconds() - t0));
+  }
+  return best;
+}
+
+double SgemmRate(int threads) {
+  const int n = 2048;
+  std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
+  openblas_set_num_threads(threads);
+  double best = 0.0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const double t0 = Seconds();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(),
+                n, 0.0f, c.data(), n);
+    best = std::max(best, 2.0 * n * n * n / (Seconds() - t0));
+  }
+  return best;
+}
+
+double CopyBandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  std::vector<char> src(bytes, 1), dst(bytes, 0);
+  double best = 0.0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const double t0 = Seconds();
+    std::memcpy(dst.data(), src.data(), bytes);
+    best = std::max(best, 2.0 * bytes / (Seconds() - t0));
+  }
+  return best + dst[bytes / 2] * 0.0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 1;
+  bool copy = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
+      threads = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--copy") == 0) {
+      copy = true;
+    } else {
+      std::fprintf(stderr, "qkv_roofline: unknown argument '%s' (expected --threads T [--copy])\n",
+                   argv[i]);
+      return 2;
+    }
+  }
+  if (threads < 1) {
+    std::fprintf(stderr, "qkv_roofline: --threads %d (expected >= 1)\n", threads);
+    return 2;
+  }
+  const char* isa = "";
+  const double peak = FmaPeak(threads, &isa);
+  const double sgemm = SgemmRate(threads);
+  std::printf("{\"threads\": %d, \"fma_isa\": \"%s\", \"fma_peak_gflops\": %.2f, "
+              "\"sgemm_gflops\": %.2f, \"openblas_core\": \"%s\", \"openblas_config\": \"%s\"",
+              threads, isa, peak * 1e-9, sgemm * 1e-9, openblas_get_corename(),
+              openblas_get_config());
+  if (copy) std::printf(", \"copy_gbps\": %.2f", CopyBandwidth() * 1e-9);
+  std::printf("}\n");
+  return 0;
+}

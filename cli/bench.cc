@@ -1,0 +1,135 @@
+// qkv bench: times qkv::Attention on random inputs. Only useful for
+// performance measurement: correctness is the tests' job.
+//
+// flops = 2 * (head_dim + head_dim_v) * num_q_heads * allowed pairs, i.e.
+// 4 * B * H * Nq * Nk * D without masks (2 D for Q.K^T, 2 D for P.V), and
+// only the pairs that causal / window rules allow when they are on.
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "common.h"
+#include "qkv/attention.h"
+#include "qkv/error.h"
+
+namespace qkv::cli {
+namespace {
+
+struct BenchFlags {
+  std::string shape;
+  int64_t kv_heads = 0;
+  int64_t seq_kv = -1;
+  bool causal = false;
+  int threads = 0;
+  std::string kernel = "auto";
+  std::string dtype = "f32";
+  int repeat = 5;
+  bool json = false;
+};
+
+int RunBench(const BenchFlags& f) {
+  const std::vector<int64_t> s = ParseIntList(f.shape, 4, "--shape", false);
+  if (f.kv_heads < 0 || f.seq_kv < -1) {
+    throw Error("--kv-heads / --seq-kv: negative value (expected --kv-heads >= 1, --seq-kv >= 0)");
+  }
+  if (f.repeat < 1 || f.repeat > 10000) {
+    throw Error("--repeat: " + std::to_string(f.repeat) + " (expected 1 to 10000)");
+  }
+  const int64_t batch = s[0], heads = s[1], seq_q = s[2], dim = s[3];
+  const int64_t kv_heads = f.kv_heads > 0 ? f.kv_heads : heads;
+  const int64_t seq_kv = f.seq_kv >= 0 ? f.seq_kv : seq_q;
+  const DType dtype = f.dtype == "f16" ? DType::kFloat16 : DType::kFloat32;
+  const double q_elems = 1.0 * batch * heads * seq_q * dim;
+  const double kv_elems = 1.0 * batch * kv_heads * seq_kv * dim;
+  CheckFitsInMemory("--shape " + f.shape, (2 * q_elems + 2 * kv_elems) * DTypeSize(dtype));
+
+  std::mt19937_64 rng(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto fill = [&](double n) {
+    std::vector<unsigned char> bytes(static_cast<size_t>(n) * DTypeSize(dtype));
+    for (size_t i = 0; i < static_cast<size_t>(n); ++i) {
+      const float x = normal(rng);
+      if (dtype == DType::kFloat16) {
+        reinterpret_cast<uint16_t*>(bytes.data())[i] = FloatToHalf(x);
+      } else {
+        reinterpret_cast<float*>(bytes.data())[i] = x;
+      }
+    }
+    return bytes;
+  };
+  std::vector<unsigned char> q = fill(q_elems), k = fill(kv_elems), v = fill(kv_elems),
+                             out(static_cast<size_t>(q_elems) * DTypeSize(dtype));
+  AttentionParams p;
+  p.q = TensorView::Contiguous(q.data(), dtype, {batch, heads, seq_q, dim});
+  p.k = TensorView::Contiguous(k.data(), dtype, {batch, kv_heads, seq_kv, dim});
+  p.v = TensorView::Contiguous(v.data(), dtype, {batch, kv_heads, seq_kv, dim});
+  p.out = MutableTensorView::Contiguous(out.data(), dtype, {batch, heads, seq_q, dim});
+  p.mask.causal = f.causal;
+  p.kernel = KernelFromName(f.kernel);
+  p.num_threads = f.threads;
+
+  AttentionInfo info = Attention(p);  // warm-up: page faults, thread pool start
+  std::vector<double> times;
+  for (int r = 0; r < f.repeat; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    info = Attention(p);
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  const double median = times.size() % 2 ? times[times.size() / 2]
+                                         : 0.5 * (times[times.size() / 2 - 1] + times[times.size() / 2]);
+  const double flops = 2.0 * (dim + dim) * heads * CountAllowedPairs(p.mask, batch, seq_q, seq_kv);
+  nlohmann::json j = {
+      {"batch", batch}, {"num_q_heads", heads}, {"num_kv_heads", kv_heads},
+      {"seq_q", seq_q}, {"seq_kv", seq_kv}, {"head_dim", dim}, {"causal", f.causal},
+      {"dtype", f.dtype}, {"repeat", f.repeat}, {"median_s", median}, {"min_s", times.front()},
+      {"max_s", times.back()}, {"flops", flops}, {"gflops", flops / median * 1e-9},
+      {"peak_rss_bytes", PeakRssBytes()}, {"kernel", KernelName(info.kernel)},
+      {"kernel_reason", info.reason}, {"threads", info.threads},
+      {"simd_target", info.simd_target}, {"scratch_bytes", info.scratch_bytes}};
+  if (f.json) {
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("%s (%s), %d threads, %s: median %.4f s (min %.4f, max %.4f) over %d runs, "
+                "%.2f GFLOP/s, peak memory %s\n",
+                KernelName(info.kernel), info.reason.c_str(), info.threads,
+                info.simd_target.c_str(), median, times.front(), times.back(), f.repeat,
+                flops / median * 1e-9, HumanBytes(static_cast<double>(PeakRssBytes())).c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+Runner AddBenchCommand(CLI::App& app) {
+  auto flags = std::make_shared<BenchFlags>();
+  BenchFlags& f = *flags;
+  CLI::App* cmd = app.add_subcommand("bench", "Time attention on random inputs (GFLOP/s, memory)");
+  cmd->add_option("--shape", f.shape, "B,H,N,D: batch, query heads, sequence, head dim")->required();
+  cmd->add_option("--kv-heads", f.kv_heads, "KV heads (default H; fewer = GQA/MQA)");
+  cmd->add_option("--seq-kv", f.seq_kv, "Key count Nk (default N)");
+  cmd->add_flag("--causal", f.causal, "Causal (bottom-right); flops count allowed pairs only");
+  cmd->add_option("--threads", f.threads, "Threads (0 = all cores)")->capture_default_str();
+  cmd->add_option("--kernel", f.kernel, "Kernel")
+      ->check(CLI::IsMember(KernelNames()))
+      ->capture_default_str();
+  cmd->add_option("--dtype", f.dtype, "Input and output dtype")
+      ->check(CLI::IsMember({"f32", "f16"}))
+      ->capture_default_str();
+  cmd->add_option("--repeat", f.repeat, "Timed runs after one warm-up")->capture_default_str();
+  cmd->add_flag("--json", f.json,
+                "Print one JSON object: median_s, min_s, max_s, flops, gflops, peak_rss_bytes, "
+                "kernel, threads, simd_target, ...");
+  return [flags] { return RunBench(*flags); };
+}
+
+}  // namespace qkv::cli
