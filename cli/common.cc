@@ -50,6 +50,18 @@ void CheckFitsInMemory(const std::string& what, double bytes) {
 }
 
 int64_t PeakRssBytes() {
+  // VmHWM, not getrusage's ru_maxrss: the latter survives execve, so a qkv
+  // started from a large process (a Python benchmark) would report its
+  // parent's peak.
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    long long kib = -1;
+    while (std::fgets(line, sizeof line, f)) {
+      if (std::sscanf(line, "VmHWM: %lld kB", &kib) == 1) break;
+    }
+    std::fclose(f);
+    if (kib >= 0) return kib * 1024;
+  }
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB

@@ -1,0 +1,152 @@
+#!/usr/bin/python3
+"""One-run CPU attention comparison for BENCHMARKS.md.
+
+Runs, in one go and on the same threads:
+  1. qkv_roofline: the measured FMA peak (register-only FMA loop) and Debian
+     OpenBLAS's SGEMM (2048^3), with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE
+     unset for that command only; prints which OpenBLAS kernel ran. OpenBLAS
+     0.3.21 does not recognise some newer CPUs and falls back to the slow
+     "Prescott" kernel: then it is run again with OPENBLAS_CORETYPE=SkylakeX
+     (AVX-512 machines) or Haswell, and both numbers are reported.
+  2. PyTorch's math path (Debian python3-torch): matmul + softmax + matmul in
+     float32, torch.set_num_threads(T).
+  3. `qkv bench --json`.
+flops = 4 * B * H * N^2 * D, halved (exactly: allowed pairs) for causal.
+
+Usage (Debian's python3, which has torch; numpy is not needed):
+  /usr/bin/python3 bench/compare.py [--build build/release] [--threads 1,2]
+      [--sizes 1024,4096,16384] [--dims 64,128] [--repeat 3] [--write BENCHMARKS.md]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+BEGIN = "<!-- compare.py: begin -->"
+END = "<!-- compare.py: end -->"
+
+
+def roofline(build, threads):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    cmd = [os.path.join(build, "qkv_roofline"), "--threads", str(threads)]
+    result = json.loads(subprocess.check_output(cmd, env=env))
+    result["openblas_autodetected"] = result["openblas_core"]
+    if result["openblas_core"].lower() == "prescott":
+        env["OPENBLAS_CORETYPE"] = "SkylakeX" if result["fma_isa"] == "avx512" else "Haswell"
+        forced = json.loads(subprocess.check_output(cmd, env=env))
+        result["sgemm_autodetected_gflops"] = result["sgemm_gflops"]
+        result["sgemm_gflops"] = forced["sgemm_gflops"]
+        result["openblas_core"] = forced["openblas_core"] + " (forced; autodetect gave Prescott)"
+    return result
+
+
+def torch_math(n, d, heads, causal, threads, repeat):
+    import torch
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, d, generator=g) for _ in range(3))
+    mask = None
+    if causal:
+        mask = torch.full((n, n), float("-inf")).triu(1)  # square: both alignments agree
+
+    def run():
+        s = torch.matmul(q, k.transpose(-2, -1)) * (d ** -0.5)
+        if mask is not None:
+            s = s + mask
+        return torch.matmul(torch.softmax(s, dim=-1), v)
+
+    with torch.no_grad():
+        run()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def qkv_bench(build, n, d, heads, causal, threads, repeat, kernel="auto"):
+    cmd = [os.path.join(build, "qkv"), "bench", "--shape", f"1,{heads},{n},{d}", "--threads",
+           str(threads), "--repeat", str(repeat), "--kernel", kernel, "--json"]
+    if causal:
+        cmd.append("--causal")
+    return json.loads(subprocess.check_output(cmd)), " ".join(cmd[1:])
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", default="build/release")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--sizes", default="1024,4096,16384")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--torch-max-n", type=int, default=4096,
+                    help="largest N for PyTorch's math path (its score matrix is H*N^2*4 bytes, twice)")
+    ap.add_argument("--write", default="", help="replace the table between the markers in this file")
+    a = ap.parse_args()
+    lines = []
+    out = lines.append
+    out(f"Machine: {cpu_name()}, {os.cpu_count()} cores; date {datetime.date.today()}; "
+        f"command: `/usr/bin/python3 bench/compare.py {' '.join(sys.argv[1:])}`")
+    out("")
+    for t in [int(x) for x in a.threads.split(",")]:
+        r = roofline(a.build, t)
+        out(f"**{t} thread(s)**: FMA peak {r['fma_peak_gflops']:.1f} GFLOP/s ({r['fma_isa']}); "
+            f"OpenBLAS SGEMM {r['sgemm_gflops']:.1f} GFLOP/s (kernel {r['openblas_core']}"
+            + (f"; autodetected Prescott kernel: {r['sgemm_autodetected_gflops']:.1f}"
+               if "sgemm_autodetected_gflops" in r else "") + ")")
+        out("")
+        out("| N | D | causal | qkv kernel | SIMD | qkv ms | qkv GFLOP/s | % FMA peak | % SGEMM "
+            "| torch math ms | torch GFLOP/s | qkv / torch | qkv peak RSS |")
+        out("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for d in [int(x) for x in a.dims.split(",")]:
+            for n in [int(x) for x in a.sizes.split(",")]:
+                for causal in (False, True):
+                    q, _ = qkv_bench(a.build, n, d, a.heads, causal, t, a.repeat)
+                    torch_cell, tg_cell, ratio = "skipped", "", ""
+                    if n <= a.torch_max_n:
+                        ts = torch_math(n, d, a.heads, causal, t, a.repeat)
+                        # torch computes the masked half too; count the same flops as qkv.
+                        tg = q["flops"] / ts * 1e-9
+                        torch_cell, tg_cell = f"{ts * 1e3:.1f}", f"{tg:.1f}"
+                        ratio = f"{ts / q['median_s']:.2f}x"
+                    out(f"| {n} | {d} | {'yes' if causal else 'no'} | {q['kernel']} | "
+                        f"{q['simd_target']} | {q['median_s'] * 1e3:.1f} | {q['gflops']:.1f} | "
+                        f"{100 * q['gflops'] / r['fma_peak_gflops']:.0f}% | "
+                        f"{100 * q['gflops'] / r['sgemm_gflops']:.0f}% | {torch_cell} | {tg_cell} | "
+                        f"{ratio} | {q['peak_rss_bytes'] / 2**20:.0f} MiB |")
+                    print(lines[-1], file=sys.stderr, flush=True)
+        out("")
+    text = "\n".join(lines)
+    print(text)
+    if a.write:
+        with open(a.write) as f:
+            doc = f.read()
+        if BEGIN not in doc or END not in doc:
+            sys.exit(f"{a.write}: markers '{BEGIN}' / '{END}' not found (expected both)")
+        head, rest = doc.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        with open(a.write, "w") as f:
+            f.write(head + BEGIN + "\n" + text + "\n" + END + tail)
+
+
+if __name__ == "__main__":
+    main()
