@@ -6,7 +6,7 @@ SHELL := /bin/bash
 JOBS ?= $(shell nproc)
 # Debian packages the build and tests need (g++ 12, CMake and GoogleTest come
 # with the machine; checked anyway so a bare Debian 12 works too).
-PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
+PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libhwy-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps build demo test test-asan bench clean

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "qkv/error.h"
+#include "kernels/flash_attention.h"
 #include "reference/reference_attention.h"
 
 namespace qkv {
@@ -19,6 +20,10 @@ using internal::Problem;
 // More threads than this is a typo, not a machine: each thread also holds a
 // [kRefRows, seq_kv] score block, so the count bounds memory too.
 constexpr int kMaxThreads = 1024;
+// Every dim fits int32, as in FlashAttention: zero-sized tensors cost no
+// memory, so without this a 200-byte .npy could ask for 2^40 keys of
+// head_dim 0 and hours of work.
+constexpr int64_t kMaxDim = (int64_t{1} << 31) - 1;
 
 std::string S(int64_t v) { return std::to_string(v); }
 
@@ -35,6 +40,10 @@ void CheckTensor(const char* name, const Shape4& shape, const Shape4& strides, b
                 " is not supported (expected float32, float16 or float64)");
   }
   for (int d = 0; d < 4; ++d) {
+    if (shape[d] > kMaxDim) {
+      throw Error(std::string(name) + ": dimension " + S(shape[d]) + " in shape " +
+                  ShapeString(shape) + " is too large (expected at most 2^31 - 1)");
+    }
     if (shape[d] < 0) {
       throw Error(std::string(name) + ": negative dimension in shape " + ShapeString(shape) +
                   " (expected sizes >= 0)");
@@ -154,6 +163,37 @@ void CheckScratch(const AttentionInfo& info) {
   }
 }
 
+// Picks the kernel and says why. Weights and float64 accumulation exist
+// only in the reference; asking the flash kernel for them is an error, never
+// a silent switch.
+AttentionInfo Choose(const AttentionParams& params) {
+  AttentionInfo info;
+  const bool weights = params.weights.present();
+  const bool f64 = params.accumulate == Accumulate::kFloat64;
+  if (params.kernel == Kernel::kFlash && (weights || f64)) {
+    throw Error(std::string("kernel flash: ") +
+                (weights ? "cannot write attention weights" : "accumulates in float32 only") +
+                " (expected kernel auto or reference for " +
+                (weights ? "weights)" : "float64 accumulation)"));
+  }
+  if (params.kernel == Kernel::kReference) {
+    info.kernel = Kernel::kReference;
+    info.reason = "reference: requested";
+  } else if (params.kernel == Kernel::kAuto && weights) {
+    info.kernel = Kernel::kReference;
+    info.reason = "reference: attention weights requested (the flash kernel never forms them)";
+  } else if (params.kernel == Kernel::kAuto && f64) {
+    info.kernel = Kernel::kReference;
+    info.reason = "reference: float64 accumulation requested";
+  } else {
+    info.kernel = Kernel::kFlash;
+    info.reason = params.kernel == Kernel::kFlash
+                      ? "flash: requested"
+                      : "flash: tiled online softmax, scratch independent of sequence length";
+  }
+  return info;
+}
+
 }  // namespace
 
 double DefaultScale(int64_t head_dim) {
@@ -164,33 +204,37 @@ const char* KernelName(Kernel kernel) {
   switch (kernel) {
     case Kernel::kAuto: return "auto";
     case Kernel::kReference: return "reference";
+    case Kernel::kFlash: return "flash";
   }
   return "unknown";
 }
 
 std::vector<std::string> KernelNames() {
   std::vector<std::string> names;
-  for (Kernel k : {Kernel::kAuto, Kernel::kReference}) names.push_back(KernelName(k));
+  for (Kernel k : {Kernel::kAuto, Kernel::kReference, Kernel::kFlash}) {
+    names.push_back(KernelName(k));
+  }
   return names;
 }
 
 Kernel KernelFromName(const std::string& name) {
-  for (Kernel k : {Kernel::kAuto, Kernel::kReference}) {
+  for (Kernel k : {Kernel::kAuto, Kernel::kReference, Kernel::kFlash}) {
     if (name == KernelName(k)) return k;
   }
-  throw Error("kernel: '" + name + "' (expected one of auto, reference)");
+  throw Error("kernel: '" + name + "' (expected one of auto, reference, flash)");
 }
 
 AttentionInfo Attention(const AttentionParams& params) {
   const Problem problem = Validate(params);
-  AttentionInfo info;
-  info.kernel = Kernel::kReference;
-  info.reason = params.kernel == Kernel::kReference
-                    ? "reference: requested"
-                    : "reference: the only kernel in this build";
+  AttentionInfo info = Choose(params);
   info.threads = problem.threads;
-  info.simd_target = "baseline";  // compiler-vectorised for the build's base ISA
-  info.scratch_bytes = internal::ReferenceScratchBytes(problem, params.accumulate);
+  if (info.kernel == Kernel::kFlash) {
+    info.simd_target = internal::FlashSimdTarget();
+    info.scratch_bytes = internal::FlashScratchBytes(problem);
+  } else {
+    info.simd_target = "baseline";  // compiler-vectorised for the build's base ISA
+    info.scratch_bytes = internal::ReferenceScratchBytes(problem, params.accumulate);
+  }
   CheckScratch(info);
   // Nothing to write (e.g. seq_q = 0, or head_dim_v = 0 without lse or
   // weights): return before looping over dims that may be huge.
@@ -198,7 +242,11 @@ AttentionInfo Attention(const AttentionParams& params) {
       (!params.weights.present() || params.weights.numel() == 0)) {
     return info;
   }
-  internal::ReferenceAttention(params, problem);
+  if (info.kernel == Kernel::kFlash) {
+    internal::FlashAttention(params, problem);
+  } else {
+    internal::ReferenceAttention(params, problem);
+  }
   return info;
 }
 

@@ -196,17 +196,43 @@ TEST(AttentionTest, BroadcastMaskEqualsExpandedMask) {
 
 TEST(AttentionTest, InfoSaysWhichKernelRanAndWhy) {
   Fixture f;
-  AttentionInfo info = Attention(f.p);
-  EXPECT_EQ(info.kernel, Kernel::kReference);
-  EXPECT_FALSE(info.reason.empty());
+  AttentionInfo info = Attention(f.p);  // auto, no weights: flash
+  EXPECT_EQ(info.kernel, Kernel::kFlash);
+  EXPECT_NE(info.reason.find("flash"), std::string::npos);
+  EXPECT_FALSE(info.simd_target.empty());
   EXPECT_GT(info.scratch_bytes, 0);
+  f.p.weights = MutableTensorView::Contiguous(f.w.data(), DType::kFloat32, {1, 2, 3, 3});
+  info = Attention(f.p);  // weights: only the reference forms them
+  EXPECT_EQ(info.kernel, Kernel::kReference);
+  EXPECT_NE(info.reason.find("weights"), std::string::npos);
+  f.p.kernel = Kernel::kFlash;  // asked for explicitly: an error, not a switch
+  ExpectError(f.p, "kernel flash: cannot write attention weights");
+  f.p.weights = {};
+  f.p.accumulate = Accumulate::kFloat64;
+  ExpectError(f.p, "kernel flash: accumulates in float32 only");
+  f.p.kernel = Kernel::kAuto;
+  info = Attention(f.p);
+  EXPECT_EQ(info.kernel, Kernel::kReference);
+  EXPECT_NE(info.reason.find("float64"), std::string::npos);
   f.p.kernel = Kernel::kReference;
+  f.p.accumulate = Accumulate::kFloat32;
   f.p.num_threads = 3;
   info = Attention(f.p);
   EXPECT_EQ(info.reason, "reference: requested");
   EXPECT_EQ(info.threads, 3);
-  EXPECT_STREQ(KernelName(Kernel::kReference), "reference");
+  EXPECT_EQ(KernelFromName("flash"), Kernel::kFlash);
+  EXPECT_THROW(KernelFromName("fast"), Error);
   EXPECT_DOUBLE_EQ(DefaultScale(64), 0.125);
+}
+
+// Dims beyond int32 are refused (zero-sized tensors could declare them).
+TEST(AttentionTest, HugeDimsAreRefused) {
+  Fixture f;
+  f.p.k.shape = {1, 1, int64_t{1} << 40, 0};
+  f.p.v.shape = {1, 1, int64_t{1} << 40, 0};
+  f.p.q.shape = {1, 1, 1, 0};
+  f.p.out.shape = {1, 1, 1, 0};
+  ExpectError(f.p, "k: dimension 1099511627776");
 }
 
 }  // namespace

@@ -16,12 +16,18 @@ constexpr int64_t kSizes[] = {1, 7, 97, 129, 1025};
 constexpr int64_t kHeadDims[] = {1, 3, 59, 80, 256};
 const double kInf = std::numeric_limits<double>::infinity();
 
+// The reference in both arithmetics, and (on the same cases) the flash kernel,
+// whose online rescaling adds a few roundings per key block: its bound uses
+// 2u (derived in flash_attention_test.cc).
 void ExpectMatches(const Case& c) {
   const OracleResult o = Oracle(c);
-  const Result r32 = RunQkv(c, Accumulate::kFloat32);
+  const Result r32 = RunQkv(c, Accumulate::kFloat32, 0, true, DType::kFloat32, Kernel::kReference);
   EXPECT_TRUE(MatchesOracle(c, r32, o, kU32)) << "float32 accumulate";
-  const Result r64 = RunQkv(c, Accumulate::kFloat64, 0, true, DType::kFloat64);
+  const Result r64 =
+      RunQkv(c, Accumulate::kFloat64, 0, true, DType::kFloat64, Kernel::kReference);
   EXPECT_TRUE(MatchesOracle(c, r64, o, kU64)) << "float64 accumulate";
+  const Result flash = RunQkv(c, Accumulate::kFloat32, 0, false, DType::kFloat32, Kernel::kFlash);
+  EXPECT_TRUE(MatchesOracle(c, flash, o, 2 * kU32)) << "flash kernel";
 }
 
 // Every (seq_q, seq_kv) pair of the awkward sizes, head dims cycling, with and
@@ -271,9 +277,9 @@ TEST(ReferenceAttentionTest, WeightRowsSumToOneAndCausalZeros) {
 TEST(ReferenceAttentionTest, BitwiseIdenticalForAnyThreadCount) {
   Case c = RandomCase(2, 4, 2, 150, 131, 40, 24, 99);
   c.causal = true;
-  const Result one = RunQkv(c, Accumulate::kFloat32, 1);
+  const Result one = RunQkv(c, Accumulate::kFloat32, 1, true, DType::kFloat32, Kernel::kReference);
   for (int threads : {2, 3, 8}) {
-    const Result r = RunQkv(c, Accumulate::kFloat32, threads);
+    const Result r = RunQkv(c, Accumulate::kFloat32, threads, true, DType::kFloat32, Kernel::kReference);
     EXPECT_EQ(r.out, one.out) << threads;
     EXPECT_EQ(r.lse, one.lse) << threads;
     EXPECT_EQ(r.weights, one.weights) << threads;

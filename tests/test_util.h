@@ -150,7 +150,8 @@ struct Result {
 // Runs qkv::Attention on the case with float32 (or `dtype`) inputs in bhsd
 // memory; outputs in `out_dtype` (float32 or float64) converted to double.
 inline Result RunQkv(const Case& c, Accumulate acc = Accumulate::kFloat32, int threads = 0,
-                     bool want_weights = true, DType out_dtype = DType::kFloat32) {
+                     bool want_weights = true, DType out_dtype = DType::kFloat32,
+                     Kernel kernel = Kernel::kAuto) {
   auto to_f32 = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
   std::vector<float> q = to_f32(c.q), k = to_f32(c.k), v = to_f32(c.v);
   std::vector<float> add(c.add_mask.begin(), c.add_mask.end());
@@ -183,6 +184,7 @@ inline Result RunQkv(const Case& c, Accumulate acc = Accumulate::kFloat32, int t
   if (c.scale != 0.0) p.scale = c.scale;
   p.accumulate = acc;
   p.num_threads = threads;
+  p.kernel = kernel;
   Result r;
   r.info = Attention(p);
   auto read = [&](const std::vector<unsigned char>& bytes) {

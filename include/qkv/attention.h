@@ -32,8 +32,11 @@ namespace qkv {
 
 // Which implementation computes the attention.
 enum class Kernel : uint8_t {
-  kAuto,       // the library picks (today: always the reference)
-  kReference,  // materialises every score row; exact; O(64 * seq_kv) scratch
+  kAuto,       // flash, unless weights or float64 accumulation are asked for
+  kReference,  // materialises every score row; exact; O(64 * seq_kv) scratch;
+               // the only kernel that writes weights or accumulates in double
+  kFlash,      // tiled online softmax (FlashAttention-2 on the CPU): exact,
+               // fixed-size scratch independent of seq_q and seq_kv, SIMD
 };
 
 // Arithmetic of the reference kernel.

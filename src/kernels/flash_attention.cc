@@ -1,0 +1,721 @@
+// The FlashAttention-style CPU forward kernel: exact attention in one pass
+// over K and V with an online softmax, in fixed-size tiles (Dao et al. 2022,
+// arXiv:2205.14135; FlashAttention-2, Dao 2023, arXiv:2307.08691; the
+// "queries in lanes" layout follows gemma.cpp's gemma/flash_attention.cc).
+//
+// Work items. The group_size query heads that share KV head g are one
+// sequence of group_size * seq_q rows t = h_local * seq_q + i; a work item is
+// (batch b, KV head g, block of kBlockQ consecutive rows t). So every packed
+// K/V block serves up to kBlockQ query rows of all heads of the group: a
+// decode step (seq_q = 1) with GQA puts the whole group in one item and reads
+// each K/V row once per group. Items go round-robin to the threads; each
+// output row belongs to one item, computed by one thread in a fixed key-block
+// order, so results are bitwise identical for any thread count.
+//
+// Per item, for each key block [j0, j0 + kBlockKV) in key order:
+//   1. S^T[c, r] = sum_d K[j0 + c, d] * Q'^T[d, r]   Q' = scale * Q, packed
+//      once per item as Q'^T [head_dim, kBlockQ] (queries in SIMD lanes);
+//   2. mask (see tile modes) and online softmax per row r (vertical ops
+//      only: each lane is a query row, so no horizontal reductions):
+//        m_new = max(m_old, max_c S[c, r])
+//        alpha = exp(m_old - m_new),  P[c, r] = exp(S[c, r] - m_new)
+//        l     = alpha * l + sum_c P[c, r]
+//   3. acc^T[dv, r] = alpha * acc^T[dv, r] + sum_c V[j0 + c, dv] * P[c, r].
+// Finally out = acc / l and lse = m + log(l) per row.
+//
+// Tile modes, chosen per key block from the rows' key ranges
+// (internal::RowKeyRange: causal, window, key lengths):
+//   skipped   the block lies outside every row's range: never touched, so
+//             causal attention costs about half of full attention;
+//   full      inside every row's range and no explicit mask: no mask work;
+//   ranged    a boundary block, no explicit mask: S = -inf outside each
+//             row's [lo, hi), from int32 lane compares;
+//   explicit  an explicit bool/additive mask: a bias tile (0 / value / -inf)
+//             is read per element first; if it is -inf everywhere, the
+//             block is skipped before any K/V is read.
+// Only the key rows [c_begin, c_end) that some row of the item may attend
+// are packed and computed.
+//
+// Memory traffic: per item, Q once and each attended K/V row once, i.e.
+// K/V are read seq_q * group_size / kBlockQ times in total (not seq_q
+// times); all tiles stay in L2. float32 K/V with unit stride along head_dim
+// are read in place (any other strides are fine: each element is broadcast);
+// other dtypes or strides are converted into a [kBlockKV, head_dim] tile.
+//
+// Edge cases, all as the reference kernel (reference_attention.cc):
+//   * A disallowed pair is -inf in S and its P is exactly 0; the running max
+//     is replaced by 0 while it is -inf (m_sub below), so exp(-inf - -inf)
+//     never happens. P = 0 times a finite value adds +-0: exact. A block
+//     with skipped pairs (any block but a full one, or a full one with an
+//     s = -inf from inf inputs) has its V rows checked for inf/NaN; if there
+//     are any, skipped pairs get P = -0 and a scalar P.V skips lanes with the
+//     sign bit set (exp never returns -0), so a masked inf/NaN value never
+//     meets a 0 weight (0 * inf = NaN). Full blocks skip the check (it cost
+//     8% of the time when done for every block).
+//   * hn::Exp returns 0 for NaN; ExpOrNan restores NaN, so an allowed NaN
+//     score makes its row NaN like std::exp does.
+//   * A row with no allowed key keeps l = 0: it writes zeros, lse = -inf.
+#include "kernels/flash_attention.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <new>
+
+#include "mask_rules.h"
+
+// Target-independent part: compiled once although foreach_target re-includes
+// this file.
+#ifndef QKV_SRC_KERNELS_FLASH_ATTENTION_CC_ONCE_
+#define QKV_SRC_KERNELS_FLASH_ATTENTION_CC_ONCE_
+namespace qkv::internal {
+
+// Tile sizes, shared by every SIMD target (so FlashScratchBytes is exact and
+// results do not depend on the tile plan of a target beyond its lane count).
+struct FlashTraits {
+  // Query rows per item. 64 = 4 AVX-512 vectors of query lanes: the S^T and
+  // P.V micro-tiles are 4 keys (or 4 dv columns) x 4 query vectors = 16
+  // accumulators, half of the 32 zmm registers, and 16 independent FMA chains
+  // cover 2 FMA ports x 4 cycles latency twice. Each K/V row is re-read once
+  // per 64 query rows.
+  static constexpr int64_t kBlockQ = 64;
+  // Keys per block: S^T / P^T are [64, 64] floats = 16 KiB, a K or V block at
+  // head_dim 128 is 32 KiB; with Q'^T and acc^T (32 KiB each) the item's
+  // working set stays in the 2 MiB L2. Measured (Sapphire Rapids, 1 thread,
+  // thread CPU time, D = 128, N = 4096, fp32; full / causal GFLOP/s):
+  //   kBlockKV 32: 118 / 114   64: 122 / 117   128: 125 / 120
+  //   kBlockQ 128 (kBlockKV 64): 123 / 114
+  // All within the machine's +-3% noise: the FMA issue rate of the
+  // micro-tiles and the exp of the softmax bound the kernel, not the caches.
+  // 64 keeps scratch small and matches the vector count of kBlockQ.
+  static constexpr int64_t kBlockKV = 64;
+  // Every scratch array starts on a 64-byte boundary (one AVX-512 vector).
+  static constexpr int64_t kAlignFloats = 16;
+  static_assert(kBlockQ % kAlignFloats == 0, "query lanes must fill whole vectors");
+  static_assert(kBlockKV >= 4, "micro-tiles take 4 keys at a time");
+};
+
+// Offsets (in bytes) of the per-thread scratch arrays for one problem.
+struct FlashLayout {
+  int64_t q_t, k_tile, v_tile, s_t, bias, acc_t, row_max, row_max_old, m_sub, row_sum, alpha;
+  int64_t rel_lo, rel_hi;
+  int64_t row_meta;  // int64 [4, kBlockQ]: head, query index, lo, hi
+  int64_t bytes;     // total per thread
+
+  static FlashLayout For(const Problem& pr) {
+    constexpr int64_t br = FlashTraits::kBlockQ, bc = FlashTraits::kBlockKV;
+    FlashLayout l{};
+    int64_t at = 0;
+    auto take = [&](int64_t floats) {
+      const int64_t start = at;
+      const int64_t a = FlashTraits::kAlignFloats;
+      at += (floats + a - 1) / a * a * static_cast<int64_t>(sizeof(float));
+      return start;
+    };
+    l.q_t = take(pr.head_dim * br);      // Q'^T  [head_dim, kBlockQ]
+    l.k_tile = take(bc * pr.head_dim);   // K     [kBlockKV, head_dim] (converted)
+    l.v_tile = take(bc * pr.head_dim_v); // V     [kBlockKV, head_dim_v] (converted)
+    l.s_t = take(bc * br);               // S^T, then P^T  [kBlockKV, kBlockQ]
+    l.bias = take(bc * br);              // explicit-mask bias [kBlockKV, kBlockQ]
+    l.acc_t = take(pr.head_dim_v * br);  // acc^T [head_dim_v, kBlockQ]
+    l.row_max = take(br);
+    l.row_max_old = take(br);
+    l.m_sub = take(br);
+    l.row_sum = take(br);
+    l.alpha = take(br);
+    l.rel_lo = take(br);  // int32 per row
+    l.rel_hi = take(br);
+    l.row_meta = take(4 * br * 2);  // int64 = 2 float slots
+    l.bytes = at;
+    return l;
+  }
+};
+
+}  // namespace qkv::internal
+#endif  // QKV_SRC_KERNELS_FLASH_ATTENTION_CC_ONCE_
+
+// Build AVX3 (AVX-512), AVX2, SSE4 and the scalar fallback only (SSSE3 adds
+// build time and no machine we target lacks SSE4; AVX3_DL is opt-in anyway).
+#ifndef HWY_DISABLED_TARGETS
+#define HWY_DISABLED_TARGETS (HWY_SSSE3 | HWY_AVX3_DL)
+#endif
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/flash_attention.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "hwy/contrib/math/math-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace qkv::internal::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using DI = hn::RebindToSigned<DF>;
+using VF = hn::Vec<DF>;
+constexpr int64_t kBr = FlashTraits::kBlockQ;
+constexpr int64_t kBc = FlashTraits::kBlockKV;
+// Query vectors per micro-tile: 4 keys x kMaxVecs accumulators must fit the
+// register file with room for the loads: 16 of 32 zmm on AVX-512; 8 of 16
+// registers on AVX2/SSE4 (16 there would spill).
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+constexpr int kMaxVecs = 4;
+#else
+constexpr int kMaxVecs = 2;
+#endif
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Returns exp(x) per lane, NaN for NaN (hn::Exp alone returns 0 for NaN).
+HWY_INLINE VF ExpOrNan(DF df, VF x) { return hn::IfThenElse(hn::IsNaN(x), x, hn::Exp(df, x)); }
+
+float LoadAsFloat(const void* base, DType dtype, int64_t offset) {
+  switch (dtype) {
+    case DType::kFloat32: return static_cast<const float*>(base)[offset];
+    case DType::kFloat64: return static_cast<float>(static_cast<const double*>(base)[offset]);
+    case DType::kFloat16: return HalfToFloat(static_cast<const uint16_t*>(base)[offset]);
+    default: return 0.0f;  // excluded by validation
+  }
+}
+
+// Converts `n` elements at `src` (element stride `stride`) to float32 `dst`.
+void ConvertRow(const void* base, DType dtype, int64_t offset, int64_t stride, int64_t n,
+                float* HWY_RESTRICT dst) {
+  if (stride == 1 && dtype == DType::kFloat32) {
+    std::memcpy(dst, static_cast<const float*>(base) + offset, n * sizeof(float));
+  } else if (stride == 1 && dtype == DType::kFloat16) {
+    const DF df;
+    const hn::Rebind<hwy::float16_t, DF> dh;
+    const auto* src = static_cast<const hwy::float16_t*>(base) + offset;
+    const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+    int64_t x = 0;
+    for (; x + nf <= n; x += nf) hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, src + x)), df, dst + x);
+    for (; x < n; ++x) dst[x] = LoadAsFloat(base, dtype, offset + x);
+  } else if (stride == 1 && dtype == DType::kFloat64) {
+    const double* src = static_cast<const double*>(base) + offset;
+    for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x]);
+  } else {
+    for (int64_t x = 0; x < n; ++x) dst[x] = LoadAsFloat(base, dtype, offset + x * stride);
+  }
+}
+
+void StoreFromFloat(void* base, DType dtype, int64_t offset, float value) {
+  switch (dtype) {
+    case DType::kFloat32: static_cast<float*>(base)[offset] = value; break;
+    case DType::kFloat64: static_cast<double*>(base)[offset] = value; break;
+    case DType::kFloat16: static_cast<uint16_t*>(base)[offset] = FloatToHalf(value); break;
+    default: break;  // excluded by validation
+  }
+}
+
+// Returns true when the n floats at row have no inf or NaN (x * 0 is NaN
+// exactly for those).
+bool RowFinite(const float* HWY_RESTRICT row, int64_t n) {
+  const DF df;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const VF zero = hn::Zero(df);
+  VF sum = zero;
+  int64_t x = 0;
+  for (; x + nf <= n; x += nf) sum = hn::Add(sum, hn::Mul(hn::LoadU(df, row + x), zero));
+  float tail = 0.0f;
+  for (; x < n; ++x) tail += row[x] * 0.0f;
+  return hn::AllFalse(df, hn::IsNaN(sum)) && !std::isnan(tail);
+}
+
+// Returns true when V rows [c0, c1) hold no inf or NaN.
+bool VFinite(const float* v, int64_t v_stride, int64_t dim_v, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c)
+    if (!RowFinite(v + c * v_stride, dim_v)) return false;
+  return true;
+}
+
+// Computes S^T[c, lanes] = sum_d K[c, d] * Q'^T[d, lanes] for kK keys (rows
+// `k`, `k_stride` apart) and kV query vectors. q_t and s_t point at the first
+// lane of the group; their rows are kBr floats apart. Named accumulators
+// s<key><vec>: the compiler does not split one accumulator into independent
+// chains itself, and 16 chains cover 2 FMA ports x 4 cycles latency twice.
+template <int kK, int kV>
+HWY_INLINE void QKTile(DF df, const float* HWY_RESTRICT q_t, int64_t dim,
+                       const float* HWY_RESTRICT k, int64_t k_stride, float* HWY_RESTRICT s_t) {
+  const size_t nf = hn::Lanes(df);
+  const float* k0 = k;
+  const float* k1 = k + (kK > 1 ? k_stride : 0);
+  const float* k2 = k + (kK > 1 ? 2 * k_stride : 0);
+  const float* k3 = k + (kK > 1 ? 3 * k_stride : 0);
+  VF s00 = hn::Zero(df), s01 = s00, s02 = s00, s03 = s00, s10 = s00, s11 = s00, s12 = s00,
+     s13 = s00, s20 = s00, s21 = s00, s22 = s00, s23 = s00, s30 = s00, s31 = s00, s32 = s00,
+     s33 = s00;
+  for (int64_t d = 0; d < dim; ++d) {
+    const float* qd = q_t + d * kBr;
+    const VF q0 = hn::Load(df, qd);
+    const VF q1 = kV > 1 ? hn::Load(df, qd + nf) : q0;
+    const VF q2 = kV > 2 ? hn::Load(df, qd + 2 * nf) : q0;
+    const VF q3 = kV > 3 ? hn::Load(df, qd + 3 * nf) : q0;
+    const VF b0 = hn::Set(df, k0[d]);
+    s00 = hn::MulAdd(b0, q0, s00);  // S[c, r] += K[c, d] * Q'[r, d]
+    if constexpr (kV > 1) s01 = hn::MulAdd(b0, q1, s01);
+    if constexpr (kV > 2) s02 = hn::MulAdd(b0, q2, s02);
+    if constexpr (kV > 3) s03 = hn::MulAdd(b0, q3, s03);
+    if constexpr (kK > 1) {
+      const VF b1 = hn::Set(df, k1[d]);
+      const VF b2 = hn::Set(df, k2[d]);
+      const VF b3 = hn::Set(df, k3[d]);
+      s10 = hn::MulAdd(b1, q0, s10);
+      s20 = hn::MulAdd(b2, q0, s20);
+      s30 = hn::MulAdd(b3, q0, s30);
+      if constexpr (kV > 1) {
+        s11 = hn::MulAdd(b1, q1, s11);
+        s21 = hn::MulAdd(b2, q1, s21);
+        s31 = hn::MulAdd(b3, q1, s31);
+      }
+      if constexpr (kV > 2) {
+        s12 = hn::MulAdd(b1, q2, s12);
+        s22 = hn::MulAdd(b2, q2, s22);
+        s32 = hn::MulAdd(b3, q2, s32);
+      }
+      if constexpr (kV > 3) {
+        s13 = hn::MulAdd(b1, q3, s13);
+        s23 = hn::MulAdd(b2, q3, s23);
+        s33 = hn::MulAdd(b3, q3, s33);
+      }
+    }
+  }
+  hn::Store(s00, df, s_t);
+  if constexpr (kV > 1) hn::Store(s01, df, s_t + nf);
+  if constexpr (kV > 2) hn::Store(s02, df, s_t + 2 * nf);
+  if constexpr (kV > 3) hn::Store(s03, df, s_t + 3 * nf);
+  if constexpr (kK > 1) {
+    const VF rows[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23},
+                           {s30, s31, s32, s33}};
+    for (int c = 1; c < 4; ++c)
+      for (int v = 0; v < kV; ++v) hn::Store(rows[c][v], df, s_t + c * kBr + v * nf);
+  }
+}
+
+// Updates acc^T[dv0 + n, lanes] = alpha * acc^T + sum_{c in [c0, c1)}
+// V[c, dv0 + n] * P^T[c, lanes] for kN columns and kV query vectors.
+template <int kN, int kV>
+HWY_INLINE void PVTile(DF df, const float* HWY_RESTRICT p_t, const float* HWY_RESTRICT alpha,
+                       const float* HWY_RESTRICT v, int64_t v_stride, int64_t c0, int64_t c1,
+                       float* HWY_RESTRICT acc_t) {
+  const size_t nf = hn::Lanes(df);
+  const VF al0 = hn::Load(df, alpha);
+  const VF al1 = kV > 1 ? hn::Load(df, alpha + nf) : al0;
+  const VF al2 = kV > 2 ? hn::Load(df, alpha + 2 * nf) : al0;
+  const VF al3 = kV > 3 ? hn::Load(df, alpha + 3 * nf) : al0;
+  // acc = acc * exp(m_old - m_new): the rescale rides on the load.
+  auto load = [&](int n, int vv, VF al) {
+    return hn::Mul(al, hn::Load(df, acc_t + n * kBr + vv * nf));
+  };
+  const VF z = hn::Zero(df);
+  VF a00 = load(0, 0, al0), a01 = kV > 1 ? load(0, 1, al1) : z, a02 = kV > 2 ? load(0, 2, al2) : z,
+     a03 = kV > 3 ? load(0, 3, al3) : z;
+  VF a10 = z, a11 = z, a12 = z, a13 = z, a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z,
+     a32 = z, a33 = z;
+  if constexpr (kN > 1) {
+    a10 = load(1, 0, al0), a20 = load(2, 0, al0), a30 = load(3, 0, al0);
+    if constexpr (kV > 1) a11 = load(1, 1, al1), a21 = load(2, 1, al1), a31 = load(3, 1, al1);
+    if constexpr (kV > 2) a12 = load(1, 2, al2), a22 = load(2, 2, al2), a32 = load(3, 2, al2);
+    if constexpr (kV > 3) a13 = load(1, 3, al3), a23 = load(2, 3, al3), a33 = load(3, 3, al3);
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    const float* pc = p_t + c * kBr;
+    const float* vc = v + c * v_stride;
+    const VF p0 = hn::Load(df, pc);
+    const VF p1 = kV > 1 ? hn::Load(df, pc + nf) : p0;
+    const VF p2 = kV > 2 ? hn::Load(df, pc + 2 * nf) : p0;
+    const VF p3 = kV > 3 ? hn::Load(df, pc + 3 * nf) : p0;
+    const VF b0 = hn::Set(df, vc[0]);
+    a00 = hn::MulAdd(b0, p0, a00);  // acc[r, dv] += P[r, c] * V[c, dv]
+    if constexpr (kV > 1) a01 = hn::MulAdd(b0, p1, a01);
+    if constexpr (kV > 2) a02 = hn::MulAdd(b0, p2, a02);
+    if constexpr (kV > 3) a03 = hn::MulAdd(b0, p3, a03);
+    if constexpr (kN > 1) {
+      const VF b1 = hn::Set(df, vc[1]);
+      const VF b2 = hn::Set(df, vc[2]);
+      const VF b3 = hn::Set(df, vc[3]);
+      a10 = hn::MulAdd(b1, p0, a10);
+      a20 = hn::MulAdd(b2, p0, a20);
+      a30 = hn::MulAdd(b3, p0, a30);
+      if constexpr (kV > 1) {
+        a11 = hn::MulAdd(b1, p1, a11);
+        a21 = hn::MulAdd(b2, p1, a21);
+        a31 = hn::MulAdd(b3, p1, a31);
+      }
+      if constexpr (kV > 2) {
+        a12 = hn::MulAdd(b1, p2, a12);
+        a22 = hn::MulAdd(b2, p2, a22);
+        a32 = hn::MulAdd(b3, p2, a32);
+      }
+      if constexpr (kV > 3) {
+        a13 = hn::MulAdd(b1, p3, a13);
+        a23 = hn::MulAdd(b2, p3, a23);
+        a33 = hn::MulAdd(b3, p3, a33);
+      }
+    }
+  }
+  const VF cols[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},
+                         {a30, a31, a32, a33}};
+  for (int n = 0; n < kN; ++n)
+    for (int vv = 0; vv < kV; ++vv) hn::Store(cols[n][vv], df, acc_t + n * kBr + vv * nf);
+}
+
+// S^T rows [c0, c1) for kV query vectors at lane offset `lane0`.
+template <int kV>
+void QKBlock(const float* q_t, int64_t dim, const float* k, int64_t k_stride, int64_t c0,
+             int64_t c1, float* s_t) {
+  const DF df;
+  int64_t c = c0;
+  for (; c + 4 <= c1; c += 4) QKTile<4, kV>(df, q_t, dim, k + c * k_stride, k_stride, s_t + c * kBr);
+  for (; c < c1; ++c) QKTile<1, kV>(df, q_t, dim, k + c * k_stride, k_stride, s_t + c * kBr);
+}
+
+template <int kV>
+void PVBlock(const float* p_t, const float* alpha, const float* v, int64_t v_stride, int64_t dim_v,
+             int64_t c0, int64_t c1, float* acc_t) {
+  const DF df;
+  int64_t n = 0;
+  for (; n + 4 <= dim_v; n += 4) PVTile<4, kV>(df, p_t, alpha, v + n, v_stride, c0, c1, acc_t + n * kBr);
+  for (; n < dim_v; ++n) PVTile<1, kV>(df, p_t, alpha, v + n, v_stride, c0, c1, acc_t + n * kBr);
+}
+
+// Safe P.V for a V block with inf/NaN: skips every P = -0 (a skipped pair).
+void PVBlockSafe(const float* p_t, const float* alpha, const float* v, int64_t v_stride,
+                 int64_t dim_v, int64_t c0, int64_t c1, int64_t lanes, float* acc_t) {
+  for (int64_t n = 0; n < dim_v; ++n) {
+    float* acc = acc_t + n * kBr;
+    for (int64_t r = 0; r < lanes; ++r) acc[r] *= alpha[r];
+    for (int64_t c = c0; c < c1; ++c) {
+      const float vc = v[c * v_stride + n];
+      for (int64_t r = 0; r < lanes; ++r) {
+        const float pr = p_t[c * kBr + r];
+        if (!std::signbit(pr)) acc[r] += pr * vc;
+      }
+    }
+  }
+}
+
+// Fills bias^T[c, r] for c in [c0, c1) of one row: the explicit mask value
+// where [lo, hi) allows j0 + c, else -inf; returns whether any is not -inf.
+template <class T>
+bool FillBiasRow(const T* mask, int64_t j_stride, int64_t j0, int64_t lo, int64_t hi, int64_t c0,
+                 int64_t c1, float* bias_col) {
+  bool any = false;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t j = j0 + c;
+    float value = -kInf;
+    if (j >= lo && j < hi) {
+      if constexpr (std::is_same_v<T, uint8_t>) {
+        value = mask[j * j_stride] ? 0.0f : -kInf;
+      } else if constexpr (std::is_same_v<T, uint16_t>) {
+        value = HalfToFloat(mask[j * j_stride]);
+      } else {
+        value = static_cast<float>(mask[j * j_stride]);
+      }
+    }
+    any |= value != -kInf;
+    bias_col[c * kBr] = value;
+  }
+  return any;
+}
+
+// Runs the items tid, tid + num_threads, ... with the scratch `buf`.
+void FlashRunThread(const AttentionParams& p, const Problem& pr, int tid, int num_threads,
+                    uint8_t* buf) {
+  const DF df;
+  const DI di;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  const FlashLayout lay = FlashLayout::For(pr);
+  auto f = [&](int64_t off) { return reinterpret_cast<float*>(buf + off); };
+  float* q_t = f(lay.q_t);
+  float* k_tile = f(lay.k_tile);
+  float* v_tile = f(lay.v_tile);
+  float* s_t = f(lay.s_t);
+  float* bias = f(lay.bias);
+  float* acc_t = f(lay.acc_t);
+  float* row_max = f(lay.row_max);
+  float* row_max_old = f(lay.row_max_old);
+  float* m_sub = f(lay.m_sub);
+  float* row_sum = f(lay.row_sum);
+  float* alpha = f(lay.alpha);
+  int32_t* rel_lo = reinterpret_cast<int32_t*>(buf + lay.rel_lo);
+  int32_t* rel_hi = reinterpret_cast<int32_t*>(buf + lay.rel_hi);
+  int64_t* meta = reinterpret_cast<int64_t*>(buf + lay.row_meta);
+  int64_t* row_head = meta;
+  int64_t* row_i = meta + kBr;
+  int64_t* row_lo = meta + 2 * kBr;
+  int64_t* row_hi = meta + 3 * kBr;
+
+  const int64_t dim = pr.head_dim, dim_v = pr.head_dim_v, nq = pr.seq_q, nk = pr.seq_kv;
+  const int64_t group_rows = pr.group_size * nq;
+  const int64_t blocks = (group_rows + kBr - 1) / kBr;
+  const int64_t items = pr.batch * pr.num_kv_heads * blocks;
+  const bool k_direct = p.k.dtype == DType::kFloat32 && p.k.strides[3] == 1;
+  const bool v_direct = p.v.dtype == DType::kFloat32 && p.v.strides[3] == 1;
+  const TensorView& mask = p.mask.mask;
+  const bool has_mask = mask.present();
+
+  for (int64_t item = tid; item < items; item += num_threads) {
+    const int64_t b = item / (pr.num_kv_heads * blocks);
+    const int64_t g = item / blocks % pr.num_kv_heads;
+    const int64_t t0 = item % blocks * kBr;
+    const int64_t rows = std::min(kBr, group_rows - t0);
+    const int64_t lanes = (rows + nf - 1) / nf * nf;
+    const int64_t key_length = p.mask.key_lengths.empty() ? nk : p.mask.key_lengths[b];
+
+    // Rows: head, query index, key range; the union [lo_min, hi_max) and the
+    // intersection [lo_max, hi_min) of the non-empty ranges.
+    int64_t lo_min = nk, hi_max = 0, lo_max = 0, hi_min = nk;
+    for (int64_t r = 0; r < rows; ++r) {
+      row_head[r] = g * pr.group_size + (t0 + r) / nq;
+      row_i[r] = (t0 + r) % nq;
+      const KeyRange range = RowKeyRange(p.mask, nq, nk, row_i[r], key_length);
+      row_lo[r] = range.lo, row_hi[r] = range.hi;
+      lo_max = std::max(lo_max, range.lo), hi_min = std::min(hi_min, range.hi);
+      if (range.hi > range.lo) lo_min = std::min(lo_min, range.lo), hi_max = std::max(hi_max, range.hi);
+    }
+    // Pack Q'^T [dim, lanes] = scale * Q^T (one rounding of the exact
+    // product); padding lanes are 0 and never written out.
+    for (int64_t r = 0; r < lanes; ++r) {
+      if (r >= rows) {
+        for (int64_t d = 0; d < dim; ++d) q_t[d * kBr + r] = 0.0f;
+        continue;
+      }
+      const int64_t off = p.q.Offset(b, row_head[r], row_i[r], 0);
+      if (p.q.dtype == DType::kFloat32) {
+        const float* q = static_cast<const float*>(p.q.data) + off;
+        for (int64_t d = 0; d < dim; ++d)
+          q_t[d * kBr + r] = static_cast<float>(pr.scale * q[d * p.q.strides[3]]);
+      } else {
+        for (int64_t d = 0; d < dim; ++d)
+          q_t[d * kBr + r] = static_cast<float>(
+              pr.scale * LoadAsFloat(p.q.data, p.q.dtype, off + d * p.q.strides[3]));
+      }
+    }
+    for (int64_t r = 0; r < lanes; ++r) row_max[r] = -kInf, row_sum[r] = 0.0f, alpha[r] = 0.0f;
+    std::fill(acc_t, acc_t + dim_v * kBr, 0.0f);
+
+    const int64_t kb_begin = lo_min / kBc, kb_end = hi_max > lo_min ? (hi_max + kBc - 1) / kBc : 0;
+    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+      const int64_t j0 = kb * kBc;
+      const int64_t cols = std::min(kBc, nk - j0);
+      // Key rows [c0, c1) of the block that some row may attend.
+      int64_t c0 = cols, c1 = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t lo = std::clamp<int64_t>(row_lo[r] - j0, 0, cols);
+        const int64_t hi = std::clamp<int64_t>(row_hi[r] - j0, 0, cols);
+        rel_lo[r] = static_cast<int32_t>(lo), rel_hi[r] = static_cast<int32_t>(hi);
+        if (hi > lo) c0 = std::min(c0, lo), c1 = std::max(c1, hi);
+      }
+      if (c1 <= c0) continue;  // skipped: no row attends this block
+      for (int64_t r = rows; r < lanes; ++r) rel_lo[r] = rel_hi[r] = 0;
+      const bool full = !has_mask && j0 >= lo_max && j0 + cols <= hi_min;
+
+      // Explicit mask: bias first, so an all -inf block reads no K/V.
+      if (has_mask) {
+        bool any = false;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t off = mask.Offset(b, row_head[r], row_i[r], 0);
+          const int64_t js = mask.strides[3];
+          float* col = bias + r;
+          switch (mask.dtype) {
+            case DType::kBool:
+              any |= FillBiasRow(static_cast<const uint8_t*>(mask.data) + off, js, j0, row_lo[r],
+                                 row_hi[r], c0, c1, col);
+              break;
+            case DType::kFloat16:
+              any |= FillBiasRow(static_cast<const uint16_t*>(mask.data) + off, js, j0, row_lo[r],
+                                 row_hi[r], c0, c1, col);
+              break;
+            case DType::kFloat64:
+              any |= FillBiasRow(static_cast<const double*>(mask.data) + off, js, j0, row_lo[r],
+                                 row_hi[r], c0, c1, col);
+              break;
+            default:
+              any |= FillBiasRow(static_cast<const float*>(mask.data) + off, js, j0, row_lo[r],
+                                 row_hi[r], c0, c1, col);
+              break;
+          }
+        }
+        if (!any) continue;  // every pair of the block masked: skipped
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = rows; r < lanes; ++r) bias[c * kBr + r] = -kInf;
+      }
+
+      // K and V rows of the block: in place, or converted to float32 tiles.
+      const float* k_rows = k_tile;
+      int64_t k_stride = dim;
+      if (k_direct) {
+        k_rows = static_cast<const float*>(p.k.data) + p.k.Offset(b, g, j0, 0);
+        k_stride = p.k.strides[2];
+      } else {
+        for (int64_t c = c0; c < c1; ++c)
+          ConvertRow(p.k.data, p.k.dtype, p.k.Offset(b, g, j0 + c, 0), p.k.strides[3], dim,
+                     k_tile + c * dim);
+      }
+      const float* v_rows = v_tile;
+      int64_t v_stride = dim_v;
+      if (v_direct) {
+        v_rows = static_cast<const float*>(p.v.data) + p.v.Offset(b, g, j0, 0);
+        v_stride = p.v.strides[2];
+      } else {
+        for (int64_t c = c0; c < c1; ++c)
+          ConvertRow(p.v.data, p.v.dtype, p.v.Offset(b, g, j0 + c, 0), p.v.strides[3], dim_v,
+                     v_tile + c * dim_v);
+      }
+
+      // 1. S^T = K Q'^T over groups of up to kMaxVecs query vectors.
+      for (int64_t v0 = 0; v0 < lanes; v0 += kMaxVecs * nf) {
+        const int64_t nv = std::min<int64_t>(kMaxVecs, (lanes - v0) / nf);
+        switch (nv) {
+          case 1: QKBlock<1>(q_t + v0, dim, k_rows, k_stride, c0, c1, s_t + v0); break;
+          case 2: QKBlock<2>(q_t + v0, dim, k_rows, k_stride, c0, c1, s_t + v0); break;
+          case 3: QKBlock<3>(q_t + v0, dim, k_rows, k_stride, c0, c1, s_t + v0); break;
+          default: QKBlock<4>(q_t + v0, dim, k_rows, k_stride, c0, c1, s_t + v0); break;
+        }
+      }
+
+      // 2. Mask and online softmax, one vector of query lanes at a time.
+      const VF neg_inf = hn::Set(df, -kInf);
+      const VF neg_zero = hn::Set(df, -0.0f);
+      std::copy(row_max, row_max + lanes, row_max_old);
+      bool has_skipped = !full;
+      for (int64_t r = 0; r < lanes; r += nf) {
+        if (has_mask) {  // s = bias == -inf ? -inf : s + bias (-inf masks exactly)
+          for (int64_t c = c0; c < c1; ++c) {
+            const VF bv = hn::Load(df, bias + c * kBr + r);
+            const VF sv = hn::Load(df, s_t + c * kBr + r);
+            hn::Store(hn::IfThenElse(hn::Eq(bv, neg_inf), neg_inf, hn::Add(sv, bv)), df,
+                      s_t + c * kBr + r);
+          }
+        } else if (!full) {  // s = lo <= c < hi ? s : -inf
+          const auto lo = hn::Load(di, rel_lo + r), hi = hn::Load(di, rel_hi + r);
+          for (int64_t c = c0; c < c1; ++c) {
+            const auto cv = hn::Set(di, static_cast<int32_t>(c));
+            const auto in = hn::RebindMask(df, hn::AndNot(hn::Lt(cv, lo), hn::Lt(cv, hi)));
+            const VF sv = hn::Load(df, s_t + c * kBr + r);
+            hn::Store(hn::IfThenElse(in, sv, neg_inf), df, s_t + c * kBr + r);
+          }
+        }
+        const VF m_old = hn::Load(df, row_max + r);
+        VF m0 = neg_inf, m1 = neg_inf;  // two chains for the max latency
+        auto ninf = hn::Eq(m0, hn::Zero(df));  // all false: lanes with an s = -inf
+        int64_t c = c0;
+        for (; c + 2 <= c1; c += 2) {
+          const VF s0 = hn::Load(df, s_t + c * kBr + r), s1 = hn::Load(df, s_t + (c + 1) * kBr + r);
+          m0 = hn::Max(m0, s0);
+          m1 = hn::Max(m1, s1);
+          if (full) ninf = hn::Or(ninf, hn::Or(hn::Eq(s0, neg_inf), hn::Eq(s1, neg_inf)));
+        }
+        if (c < c1) {
+          const VF s0 = hn::Load(df, s_t + c * kBr + r);
+          m0 = hn::Max(m0, s0);
+          if (full) ninf = hn::Or(ninf, hn::Eq(s0, neg_inf));
+        }
+        if (full && !hn::AllFalse(df, ninf)) has_skipped = true;
+        const VF m_new = hn::Max(m_old, hn::Max(m0, m1));  // m_new = max(m_old, max_c s)
+        // While no key is allowed yet m_new = -inf: subtract 0 instead, so
+        // exp(-inf - 0) = 0 rather than exp(-inf - -inf) = NaN.
+        hn::Store(hn::IfThenZeroElse(hn::Eq(m_new, neg_inf), m_new), df, m_sub + r);
+        hn::Store(m_new, df, row_max + r);
+      }
+      // Skipped pairs meet V only through P = 0; if V has inf/NaN there,
+      // mark them P = -0 for the safe P.V below (0 * inf would be NaN).
+      const bool safe = has_skipped && !VFinite(v_rows, v_stride, dim_v, c0, c1);
+      for (int64_t r = 0; r < lanes; r += nf) {
+        const VF ms = hn::Load(df, m_sub + r);
+        const VF al = ExpOrNan(df, hn::Sub(hn::Load(df, row_max_old + r), ms));  // alpha = exp(m_old - m_new)
+        VF l0 = hn::Zero(df), l1 = l0;
+        int64_t c = c0;
+        if (!safe) {
+          for (; c + 2 <= c1; c += 2) {
+            float* s0 = s_t + c * kBr + r;
+            const VF p0 = ExpOrNan(df, hn::Sub(hn::Load(df, s0), ms));  // p = exp(s - m_new)
+            const VF p1 = ExpOrNan(df, hn::Sub(hn::Load(df, s0 + kBr), ms));
+            hn::Store(p0, df, s0);
+            hn::Store(p1, df, s0 + kBr);
+            l0 = hn::Add(l0, p0);
+            l1 = hn::Add(l1, p1);
+          }
+        }
+        for (; c < c1; ++c) {
+          const VF sv = hn::Load(df, s_t + c * kBr + r);
+          VF pv = ExpOrNan(df, hn::Sub(sv, ms));
+          if (safe) pv = hn::IfThenElse(hn::Eq(sv, neg_inf), neg_zero, pv);
+          hn::Store(pv, df, s_t + c * kBr + r);
+          l0 = hn::Add(l0, pv);
+        }
+        // l = l * alpha + sum_c p
+        hn::Store(hn::MulAdd(al, hn::Load(df, row_sum + r), hn::Add(l0, l1)), df, row_sum + r);
+        hn::Store(al, df, alpha + r);
+      }
+
+      // 3. acc^T = alpha * acc^T + V^T P^T.
+      if (safe) {
+        PVBlockSafe(s_t, alpha, v_rows, v_stride, dim_v, c0, c1, lanes, acc_t);
+        continue;
+      }
+      for (int64_t v0 = 0; v0 < lanes; v0 += kMaxVecs * nf) {
+        const int64_t nv = std::min<int64_t>(kMaxVecs, (lanes - v0) / nf);
+        switch (nv) {
+          case 1: PVBlock<1>(s_t + v0, alpha + v0, v_rows, v_stride, dim_v, c0, c1, acc_t + v0); break;
+          case 2: PVBlock<2>(s_t + v0, alpha + v0, v_rows, v_stride, dim_v, c0, c1, acc_t + v0); break;
+          case 3: PVBlock<3>(s_t + v0, alpha + v0, v_rows, v_stride, dim_v, c0, c1, acc_t + v0); break;
+          default: PVBlock<4>(s_t + v0, alpha + v0, v_rows, v_stride, dim_v, c0, c1, acc_t + v0); break;
+        }
+      }
+    }
+
+    // out = acc / l, lse = m + log(l); l = 0: no allowed key, zeros and -inf.
+    for (int64_t r = 0; r < rows; ++r) {
+      const float l = row_sum[r];
+      const bool empty = l == 0.0f;
+      const int64_t h = row_head[r], i = row_i[r];
+      for (int64_t n = 0; n < dim_v; ++n) {
+        StoreFromFloat(p.out.data, p.out.dtype, p.out.Offset(b, h, i, n),
+                       empty ? 0.0f : acc_t[n * kBr + r] / l);
+      }
+      if (p.lse.present()) {
+        StoreFromFloat(p.lse.data, p.lse.dtype, p.lse.Offset(b, h, i, 0),
+                       empty ? -kInf : row_max[r] + std::log(l));
+      }
+    }
+  }
+}
+
+const char* TargetName() { return hwy::TargetName(HWY_TARGET); }
+
+}  // namespace qkv::internal::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace qkv::internal {
+
+HWY_EXPORT(FlashRunThread);
+HWY_EXPORT(TargetName);
+
+int64_t FlashScratchBytes(const Problem& problem) {
+  return FlashLayout::For(problem).bytes * std::max(problem.threads, 1);
+}
+
+void FlashAttention(const AttentionParams& params, const Problem& problem) {
+  const int64_t bytes = FlashLayout::For(problem).bytes;
+  // Resolve the target once, outside the parallel region (the first
+  // dispatch initialises Highway's chosen target).
+  (void)FlashSimdTarget();
+  auto* const run = &HWY_DYNAMIC_DISPATCH(FlashRunThread);
+#pragma omp parallel num_threads(std::max(problem.threads, 1))
+  {
+    auto* buf = static_cast<uint8_t*>(::operator new(bytes, std::align_val_t{64}));
+    run(params, problem, omp_get_thread_num(), omp_get_num_threads(), buf);
+    ::operator delete(buf, std::align_val_t{64});
+  }
+}
+
+const char* FlashSimdTarget() { return HWY_DYNAMIC_DISPATCH(TargetName)(); }
+
+}  // namespace qkv::internal
+#endif  // HWY_ONCE
