@@ -36,6 +36,12 @@ class SafetensorsFile {
     std::span<const unsigned char> bytes;  // into the file's data
   };
 
+  // Movable, not copyable: each Tensor's bytes point into this object's file.
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+  SafetensorsFile(SafetensorsFile&&) = default;
+  SafetensorsFile& operator=(SafetensorsFile&&) = default;
+
   // Reads and validates the whole file. Throws qkv::Error.
   static SafetensorsFile Read(const std::string& path);
   // Parses file bytes already in memory; `name` is used in messages.
@@ -54,6 +60,7 @@ class SafetensorsFile {
                                  std::span<const int64_t> expected_shape) const;
 
  private:
+  SafetensorsFile() = default;
   std::string name_;
   std::vector<unsigned char> file_;
   std::vector<Tensor> tensors_;
