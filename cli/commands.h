@@ -16,6 +16,8 @@ using Runner = std::function<int()>;
 Runner AddAttendCommand(CLI::App& app);
 Runner AddDemoCommand(CLI::App& app);
 Runner AddBenchCommand(CLI::App& app);
+Runner AddPositionalCommand(CLI::App& app);
+Runner AddClassicCommand(CLI::App& app);
 
 }  // namespace qkv::cli
 
