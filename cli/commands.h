@@ -18,6 +18,7 @@ Runner AddDemoCommand(CLI::App& app);
 Runner AddBenchCommand(CLI::App& app);
 Runner AddPositionalCommand(CLI::App& app);
 Runner AddClassicCommand(CLI::App& app);
+Runner AddMhaCommand(CLI::App& app);
 
 }  // namespace qkv::cli
 

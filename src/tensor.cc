@@ -15,6 +15,7 @@ size_t DTypeSize(DType dtype) {
     case DType::kInt32: return 4;
     case DType::kInt64: return 8;
     case DType::kBFloat16: return 2;
+    case DType::kInt8: return 1;
   }
   return 0;
 }
@@ -28,6 +29,7 @@ const char* DTypeName(DType dtype) {
     case DType::kInt32: return "int32";
     case DType::kInt64: return "int64";
     case DType::kBFloat16: return "bfloat16";
+    case DType::kInt8: return "int8";
   }
   return "unknown";
 }

@@ -15,12 +15,14 @@
 
 namespace qkv {
 
-enum class DType : uint8_t { kFloat32, kFloat16, kFloat64, kBool, kInt32, kInt64, kBFloat16 };
+enum class DType : uint8_t {
+  kFloat32, kFloat16, kFloat64, kBool, kInt32, kInt64, kBFloat16, kInt8
+};
 
 // Returns the size of one element in bytes.
 size_t DTypeSize(DType dtype);
 // Returns a short name: "float32", "float16", "float64", "bool", "int32",
-// "int64", "bfloat16".
+// "int64", "bfloat16", "int8".
 const char* DTypeName(DType dtype);
 
 // Converts IEEE binary16 bits to float (exact: every half is a float).
