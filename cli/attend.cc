@@ -184,8 +184,9 @@ int RunAttend(const AttendFlags& f) {
   outputs.Commit();
 
   if (f.verbose) {
-    std::fprintf(stderr, "kernel: %s (%s); threads %d; scratch %s\n", KernelName(info.kernel),
-                 info.reason.c_str(), info.threads, HumanBytes(info.scratch_bytes).c_str());
+    std::printf("kernel: %s (%s); %s; threads %d; scratch %s\n", KernelName(info.kernel),
+                info.reason.c_str(), info.simd_target.c_str(), info.threads,
+                HumanBytes(static_cast<double>(info.scratch_bytes)).c_str());
   }
   if (random) {
     const int64_t pairs = CountAllowedPairs(p.mask, batch, seq_q, seq_kv);

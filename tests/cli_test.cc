@@ -773,6 +773,28 @@ TEST_F(CliTest, RandomShapeRunPrintsSummary) {
   }
 }
 
+// --verbose names the kernel and why; --kernel flash with weights is an
+// error, never a silent switch to the reference.
+TEST_F(CliTest, VerboseSaysWhichKernelRan) {
+  const CliResult f = Run({"attend", "--shape", "1,2,16,8", "--verbose"});
+  ASSERT_TRUE(f.exited && f.status == 0) << Describe(f);
+  EXPECT_NE(f.out.find("kernel: flash"), std::string::npos) << f.out;
+  const CliResult r = Run({"attend", "--shape", "1,2,16,8", "--verbose", "--weights", weights_});
+  ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
+  EXPECT_NE(r.out.find("kernel: reference (reference: attention weights requested"),
+            std::string::npos)
+      << r.out;
+  fs::remove(weights_);
+  ExpectUsageError({"attend", "--shape", "1,2,16,8", "--kernel", "flash", "--weights", weights_},
+                   "kernel flash: cannot write attention weights");
+  const CliResult b = Run({"bench", "--shape", "1,2,64,8", "--repeat", "1", "--json"});
+  ASSERT_TRUE(b.exited && b.status == 0) << Describe(b);
+  for (const char* key : {"\"median_s\"", "\"min_s\"", "\"max_s\"", "\"flops\"", "\"gflops\"",
+                          "\"peak_rss_bytes\"", "\"kernel\"", "\"threads\"", "\"simd_target\""}) {
+    EXPECT_NE(b.out.find(key), std::string::npos) << key << " missing in " << b.out;
+  }
+}
+
 TEST_F(CliTest, DemoPrintsOk) {
   const CliResult r = Run({"demo"}, 60.0);
   ASSERT_TRUE(r.exited) << Describe(r);
