@@ -20,10 +20,16 @@
 #include <memory>
 #include <string_view>
 
+#include "file_util.h"
 #include "qkv/error.h"
 
 namespace qkv {
 namespace {
+
+using internal::FilePtr;
+using internal::Fail;
+using internal::OpenRegularFile;
+using internal::ReadAt;
 
 constexpr unsigned char kMagic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
 // NumPy itself refuses headers over 10000 bytes unless max_header_size is
@@ -57,11 +63,6 @@ struct Layout {
   std::vector<int64_t> shape;
   uint64_t data_bytes = 0;  // numel * itemsize, checked for overflow
 };
-
-[[noreturn]] void Fail(const std::string& name, const std::string& problem,
-                       const std::string& expected) {
-  throw Error(name + ": " + problem + " (expected " + expected + ")");
-}
 
 // Checks rank and signs of `shape` and returns numel * itemsize, computed with
 // checked multiplication. A zero dimension makes the array empty whatever the
@@ -335,22 +336,6 @@ void CheckDataSize(const Layout& layout, const Preamble& p, uint64_t file_size,
        "file size " + std::to_string(p.data_offset + layout.data_bytes));
 }
 
-struct FileCloser {
-  void operator()(std::FILE* f) const { std::fclose(f); }
-};
-using FilePtr = std::unique_ptr<std::FILE, FileCloser>;
-
-// Reads exactly `size` bytes at `offset` or throws naming the path.
-void ReadAt(std::FILE* f, uint64_t offset, void* out, size_t size, const std::string& path) {
-  if (size == 0) return;
-  if (fseeko(f, static_cast<off_t>(offset), SEEK_SET) != 0 || std::fread(out, 1, size, f) != size) {
-    Fail(path,
-         std::string("read failed: ") +
-             (std::ferror(f) ? std::strerror(errno) : "file shrank while reading"),
-         "a readable file that is not being modified");
-  }
-}
-
 }  // namespace
 
 int64_t NpyArray::numel() const {
@@ -372,19 +357,8 @@ NpyArray ParseNpy(std::span<const unsigned char> file, const std::string& name) 
 }
 
 NpyArray ReadNpy(const std::string& path) {
-  FilePtr f(std::fopen(path.c_str(), "rb"));
-  if (!f) {
-    Fail(path, std::string("cannot open: ") + std::strerror(errno),
-         "an existing readable .npy file");
-  }
-  struct stat st;
-  if (fstat(fileno(f.get()), &st) != 0) {
-    Fail(path, std::string("cannot stat: ") + std::strerror(errno), "a readable .npy file");
-  }
-  if (S_ISDIR(st.st_mode)) Fail(path, "is a directory", "a .npy file");
-  // Pipes and devices have no size to check the header against.
-  if (!S_ISREG(st.st_mode)) Fail(path, "is not a regular file", "a .npy file");
-  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+  uint64_t file_size = 0;
+  const FilePtr f = OpenRegularFile(path, ".npy file", &file_size);
 
   // Preamble and header first (at most 1 MiB), then the data once it is known
   // to match the file size.

@@ -28,10 +28,16 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "file_util.h"
 #include "qkv/error.h"
 
 namespace qkv {
 namespace {
+
+using internal::FilePtr;
+using internal::Fail;
+using internal::OpenRegularFile;
+using internal::ReadAt;
 
 using Json = nlohmann::json;
 
@@ -65,11 +71,6 @@ constexpr DTypeInfo kDTypes[] = {
 };
 constexpr const char* kKnownDTypes =
     "F64, F32, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8, BOOL, F8_E4M3 or F8_E5M2";
-
-[[noreturn]] void Fail(const std::string& name, const std::string& problem,
-                       const std::string& expected) {
-  throw Error(name + ": " + problem + " (expected " + expected + ")");
-}
 
 // Returns file text made safe for a one-line message: non-printable bytes
 // become '?' and long text is cut.
@@ -331,22 +332,6 @@ Entry ParseEntry(const std::string& tensor_name, const Json& value, uint64_t dat
   return entry;
 }
 
-struct FileCloser {
-  void operator()(std::FILE* f) const { std::fclose(f); }
-};
-using FilePtr = std::unique_ptr<std::FILE, FileCloser>;
-
-// Reads exactly `size` bytes at `offset` or throws naming the path.
-void ReadAt(std::FILE* f, uint64_t offset, void* out, size_t size, const std::string& path) {
-  if (size == 0) return;
-  if (fseeko(f, static_cast<off_t>(offset), SEEK_SET) != 0 || std::fread(out, 1, size, f) != size) {
-    Fail(path,
-         std::string("read failed: ") +
-             (std::ferror(f) ? std::strerror(errno) : "file shrank while reading"),
-         "a readable file that is not being modified");
-  }
-}
-
 uint16_t LoadU16(const unsigned char* p) { return static_cast<uint16_t>(p[0] | p[1] << 8); }
 
 }  // namespace
@@ -422,19 +407,8 @@ SafetensorsFile SafetensorsFile::Parse(std::vector<unsigned char> file, const st
 }
 
 SafetensorsFile SafetensorsFile::Read(const std::string& path) {
-  FilePtr f(std::fopen(path.c_str(), "rb"));
-  if (!f) {
-    Fail(path, std::string("cannot open: ") + std::strerror(errno),
-         "an existing readable .safetensors file");
-  }
-  struct stat st;
-  if (fstat(fileno(f.get()), &st) != 0) {
-    Fail(path, std::string("cannot stat: ") + std::strerror(errno), "a readable .safetensors file");
-  }
-  if (S_ISDIR(st.st_mode)) Fail(path, "is a directory", "a .safetensors file");
-  // Pipes and devices have no size to check the header length against.
-  if (!S_ISREG(st.st_mode)) Fail(path, "is not a regular file", "a .safetensors file");
-  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+  uint64_t file_size = 0;
+  const FilePtr f = OpenRegularFile(path, ".safetensors file", &file_size);
 
   // The length first, so that a bad one costs no more than 8 bytes; then the
   // whole file, whose size is real, not claimed.
