@@ -952,6 +952,80 @@ TEST(MhaTest, CliErrorsNameTheFlag) {
   }
   fs::remove_all(dir);
 }
+
+// Writes a raw safetensors file: 8-byte little-endian header length (or
+// `claimed_len` when nonzero), the header text, then `data_bytes` zero bytes.
+void WriteRawSafetensors(const std::string& path, const std::string& header, size_t data_bytes,
+                         uint64_t claimed_len = 0) {
+  std::ofstream f(path, std::ios::binary);
+  const uint64_t len = claimed_len ? claimed_len : header.size();
+  for (int i = 0; i < 8; ++i) f.put(static_cast<char>((len >> (8 * i)) & 0xff));
+  f << header << std::string(data_bytes, '\0');
+}
+
+// Corrupt or hostile weight files: each is exit status 2 with one line that
+// names the file, and no output. E = 4, H = 2: in_proj_weight [12, 4] is 192
+// bytes, out_proj.weight [4, 4] 64 bytes.
+TEST(MhaTest, CliCorruptSafetensorsAreRefused) {
+  const std::string dir = ::testing::TempDir() + "/mha_cli_corrupt";
+  fs::create_directories(dir);
+  const std::vector<float> x(1 * 3 * 4, 0.5f);
+  const int64_t x_shape[] = {1, 3, 4};
+  WriteNpy(dir + "/x.npy", DType::kFloat32, x_shape, x.data());
+  auto entry = [](const std::string& name, const std::string& dtype, const std::string& shape,
+                  int begin, int end) {
+    return "\"" + name + "\": {\"dtype\": \"" + dtype + "\", \"shape\": " + shape +
+           ", \"data_offsets\": [" + std::to_string(begin) + ", " + std::to_string(end) + "]}";
+  };
+  const std::string good = "{" + entry("in_proj_weight", "F32", "[12, 4]", 0, 192) + ", " +
+                           entry("out_proj.weight", "F32", "[4, 4]", 192, 256) + "}";
+  struct Bad {
+    const char* what;
+    std::string header;
+    size_t data;
+    uint64_t claimed_len;
+    const char* fragment;
+  };
+  const Bad cases[] = {
+      {"truncated data", good, 100, 0, "bad.safetensors"},
+      {"huge header length", good, 256, uint64_t{1} << 62, "header"},
+      {"offsets out of the file",
+       "{" + entry("in_proj_weight", "F32", "[12, 4]", 0, 192) + ", " +
+           entry("out_proj.weight", "F32", "[4, 4]", 192, 256) + "}",
+       200, 0, "bad.safetensors"},
+      {"overlapping tensors",
+       "{" + entry("in_proj_weight", "F32", "[12, 4]", 0, 192) + ", " +
+           entry("out_proj.weight", "F32", "[4, 4]", 128, 192) + "}",
+       256, 0, "overlap"},
+      {"wrong dtype",
+       "{" + entry("in_proj_weight", "I32", "[12, 4]", 0, 192) + ", " +
+           entry("out_proj.weight", "F32", "[4, 4]", 192, 256) + "}",
+       256, 0, "I32"},
+      {"wrong shape",
+       "{" + entry("in_proj_weight", "F32", "[12, 3]", 0, 144) + ", " +
+           entry("out_proj.weight", "F32", "[4, 4]", 144, 208) + "}",
+       208, 0, "in_proj_weight"},
+  };
+  for (const Bad& b : cases) {
+    SCOPED_TRACE(b.what);
+    WriteRawSafetensors(dir + "/bad.safetensors", b.header, b.data, b.claimed_len);
+    const Cli r = RunMha("--query " + dir + "/x.npy --weights " + dir +
+                             "/bad.safetensors --heads 2 --out " + dir + "/out.npy",
+                         dir);
+    EXPECT_EQ(r.status, 2) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find(b.fragment), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(dir + "/out.npy"));
+  }
+  // The good header with its data runs (so the cases above fail for their
+  // one defect only).
+  WriteRawSafetensors(dir + "/good.safetensors", good, 256);
+  const Cli ok = RunMha("--query " + dir + "/x.npy --weights " + dir +
+                            "/good.safetensors --heads 2 --out " + dir + "/out.npy",
+                        dir);
+  EXPECT_EQ(ok.status, 0) << ok.err;
+  fs::remove_all(dir);
+}
 #endif  // QKV_CLI_PATH
 
 }  // namespace
