@@ -9,7 +9,7 @@ JOBS ?= $(shell nproc)
 PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libhwy-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps build demo test test-asan bench clean
+.PHONY: deps build demo test test-asan bench bench-deps clean
 
 deps:
 	@missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -34,8 +34,16 @@ test-asan: deps
 	cmake --build --preset asan-ubsan -j$(JOBS)
 	ctest --preset asan-ubsan -j$(JOBS)
 
-bench: build
-	./build/release/qkv_bench
+# Benchmarks need OpenBLAS (the SGEMM roofline) and PyTorch (the peer), from Debian.
+bench-deps: deps
+	@missing=$$(for p in libopenblas-dev pkg-config python3-torch; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+bench: bench-deps build
+	/usr/bin/python3 bench/compare.py
 
 clean:
 	rm -rf build

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,6 +18,12 @@
 #include "hwy/targets.h"
 #include "qkv/tensor.h"
 #include "test_util.h"
+
+namespace qkv::internal {
+// Computes out[i] = 2^in[i] with the kernel's softmax exp2 (valid for
+// in[i] <= 0), under the dispatched target; defined in flash_attention.cc.
+void FlashExp2ForTest(const float* in, int64_t n, float* out);
+}  // namespace qkv::internal
 
 namespace qkv::test {
 namespace {
@@ -492,6 +499,51 @@ TEST(FlashAttentionTest, BitwiseIdenticalForAnyThreadCount) {
           << threads;
     }
   }
+}
+
+// The softmax's 2^t for t <= 0 against std::exp2 in double: within 2 ULP
+// of float32 where 2^t is normal (t >= -126), at most 2^-126 absolute below
+// (the flush the kernel's error analysis allows), and exact at the edges.
+TEST(FlashAttentionTest, Exp2WithinTwoUlp) {
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<float> wide(-150.0f, 0.0f), narrow(-1.0f, 0.0f);
+  std::vector<float> in;
+  for (int i = 0; i < 1'000'000; ++i) in.push_back(wide(rng));
+  for (int i = 0; i < 1'000'000; ++i) in.push_back(narrow(rng));
+  for (int n = 0; n <= 150; ++n)  // integers and their neighbours (rounding ties)
+    for (float x : {-float(n), -n - 0.5f, -n + 0.5f, std::nextafter(-n - 0.5f, 0.0f),
+                    std::nextafter(-n - 0.5f, -1e9f)})
+      if (x <= 0.0f) in.push_back(x);
+  for (float x : {-1e-30f, -1e-45f, -0.0f, 0.0f, -126.0f, -126.5f, -127.0f, -149.0f, -1e30f})
+    in.push_back(x);
+  std::vector<float> out(in.size());
+  ForEachTarget([&](const std::string&) {
+    internal::FlashExp2ForTest(in.data(), static_cast<int64_t>(in.size()), out.data());
+    int64_t bad = 0;
+    double worst = 0.0;
+    for (size_t i = 0; i < in.size(); ++i) {
+      const double want = std::exp2(double{in[i]});
+      const double err = std::fabs(out[i] - want);
+      // float32 ULP of want (want > 0 wherever the ULP bound applies).
+      const double ulp = want > 0.0 ? std::ldexp(1.0, std::ilogb(want) - 23) : 0.0;
+      const double bound = in[i] >= -126.0f ? 2.0 * ulp : std::ldexp(1.0, -126);
+      if (!(err <= bound)) {
+        if (bad++ < 5) ADD_FAILURE() << "2^" << in[i] << " got " << out[i] << " want " << want;
+      }
+      if (in[i] >= -126.0f) worst = std::max(worst, err / ulp);
+    }
+    EXPECT_EQ(bad, 0);
+    EXPECT_LE(worst, 2.0);
+    const float edges[] = {0.0f, -0.0f, -std::numeric_limits<float>::infinity(),
+                           std::numeric_limits<float>::quiet_NaN()};
+    float res[4];
+    internal::FlashExp2ForTest(edges, 4, res);
+    EXPECT_EQ(res[0], 1.0f);
+    EXPECT_EQ(res[1], 1.0f);
+    EXPECT_EQ(res[2], 0.0f);
+    EXPECT_FALSE(std::signbit(res[2]));  // +0: the safe P.V tells skipped pairs by -0
+    EXPECT_TRUE(std::isnan(res[3]));
+  });
 }
 
 TEST(FlashAttentionTest, ScratchIsFixedSize) {

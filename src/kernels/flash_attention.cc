@@ -52,8 +52,10 @@
 //     sign bit set (exp never returns -0), so a masked inf/NaN value never
 //     meets a 0 weight (0 * inf = NaN). Full blocks skip the check (it cost
 //     8% of the time when done for every block).
-//   * hn::Exp returns 0 for NaN; ExpOrNan restores NaN, so an allowed NaN
-//     score makes its row NaN like std::exp does.
+//   * Exp2NonPositive returns NaN for NaN, so an allowed NaN score makes
+//     its row NaN like std::exp does; -inf gives +0.
+//   * Scores are in base 2 (log2 e folded into Q'): a dot product above
+//     FLT_MAX / log2(e) = 2.4e38 (instead of FLT_MAX) overflows to inf.
 //   * A row with no allowed key keeps l = 0: it writes zeros, lse = -inf.
 #include "kernels/flash_attention.h"
 
@@ -167,10 +169,52 @@ constexpr int kMaxVecs = 4;
 #else
 constexpr int kMaxVecs = 2;
 #endif
+// Keys (QKTile) or dv columns (PVTile) per micro-tile with kMaxVecs query
+// vectors: 6 x 4 = 24 accumulators + 4 loaded vectors + 1 broadcast = 29 of
+// 32 zmm (no spills in the AVX3 asm), and per step 10 loads feed 24 FMAs.
+// Measured (1 thread, D = 128, min of runs, GFLOP/s with only QK resp. only
+// P.V left on): 4 keys 290 / 276, 6 keys 298 / 282, 7 keys 295 / 277 at
+// N = 4096; all equal at N = 1024. A stand-alone loop of the 4x4 and 6x4
+// tiles on L1-resident data runs at 170 GFLOP/s, 96% of the 177 GFLOP/s a
+// register-only FMA loop reaches on this core: the tiles are FMA-bound, so
+// wider tiles gain only the 2% of fewer Q'^T / P^T reloads. The remainder
+// of a 64-key block takes a 4-key tile, then 1-key tiles.
+constexpr int kTileKeys = kMaxVecs == 4 ? 6 : 4;
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr double kLog2E = 1.4426950408889634;  // log2(e): scores in base 2
+constexpr double kLn2 = 0.6931471805599453;    // ln(2): lse back to base e
 
-// Returns exp(x) per lane, NaN for NaN (hn::Exp alone returns 0 for NaN).
-HWY_INLINE VF ExpOrNan(DF df, VF x) { return hn::IfThenElse(hn::IsNaN(x), x, hn::Exp(df, x)); }
+// Returns 2^t per lane for t <= 0 (every softmax argument: s - m_new and
+// m_old - m_new), 0 for t = -inf or t < -126.5, NaN for NaN; within 2 ULP of
+// exp2 for t >= -126 (checked against std::exp2 in the tests). Scores are
+// kept in base 2 (log2 e is folded into Q'), which makes the range reduction
+// t = n + f, n = round(t), f in [-0.5, 0.5] exact: no Cody-Waite steps as in
+// hn::Exp, and a single multiply by 2^n. 2^f is a degree-6 polynomial
+// (relative-error minimax fit on [-0.5, 0.5], 1.9e-9 = 0.03 ULP before
+// rounding), so the whole step is 13 vector ops + the NaN select instead of
+// about 20 for hn::Exp: the softmax went from 12.5% to about 8% of the
+// time at D = 128 (1 thread, N = 4096: 127 -> 134 GFLOP/s). Measured worst
+// error 0.92 ULP with FMA (AVX3, AVX2), 1.2 ULP without (SSE4, scalar). Results below 2^-126 flush
+// towards 0: every weight is relative to the row maximum, whose weight is exactly 1, so this is an
+// absolute error below 2^-126 per weight.
+HWY_INLINE VF Exp2NonPositive(DF df, VF t) {
+  const DI di;
+  // Max(NaN, c) is c on every target; n = -127 gives 2^n = +0 below.
+  const VF tc = hn::Max(t, hn::Set(df, -127.0f));
+  const VF n = hn::Round(tc);   // nearest integer, exact
+  const VF f = hn::Sub(tc, n);  // exact: |f| <= 0.5
+  VF p = hn::Set(df, 1.534578769e-04f);
+  p = hn::MulAdd(p, f, hn::Set(df, 1.339993207e-03f));
+  p = hn::MulAdd(p, f, hn::Set(df, 9.618489072e-03f));
+  p = hn::MulAdd(p, f, hn::Set(df, 5.550328642e-02f));
+  p = hn::MulAdd(p, f, hn::Set(df, 2.402264625e-01f));
+  p = hn::MulAdd(p, f, hn::Set(df, 6.931471825e-01f));
+  p = hn::MulAdd(p, f, hn::Set(df, 1.0f));
+  // 2^n from the exponent field: n + 127 in [0, 127], 0 -> +0.0f.
+  const VF two_n =
+      hn::BitCast(df, hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127))));
+  return hn::IfThenElse(hn::IsNaN(t), t, hn::Mul(p, two_n));
+}
 
 float LoadAsFloat(const void* base, DType dtype, int64_t offset) {
   switch (dtype) {
@@ -234,65 +278,30 @@ bool VFinite(const float* v, int64_t v_stride, int64_t dim_v, int64_t c0, int64_
 
 // Computes S^T[c, lanes] = sum_d K[c, d] * Q'^T[d, lanes] for kK keys (rows
 // `k`, `k_stride` apart) and kV query vectors. q_t and s_t point at the first
-// lane of the group; their rows are kBr floats apart. Named accumulators
-// s<key><vec>: the compiler does not split one accumulator into independent
-// chains itself, and 16 chains cover 2 FMA ports x 4 cycles latency twice.
+// lane of the group; their rows are kBr floats apart. The kK * kV independent
+// accumulators are an array indexed only by constants of fully unrolled
+// loops, which GCC keeps in registers (checked in the AVX3 asm: 24 zmm
+// accumulators, no stack traffic); this needs sized vectors, which all our
+// x86 targets have (SVE/RVV would need named variables as gemma.cpp uses).
 template <int kK, int kV>
 HWY_INLINE void QKTile(DF df, const float* HWY_RESTRICT q_t, int64_t dim,
                        const float* HWY_RESTRICT k, int64_t k_stride, float* HWY_RESTRICT s_t) {
   const size_t nf = hn::Lanes(df);
-  const float* k0 = k;
-  const float* k1 = k + (kK > 1 ? k_stride : 0);
-  const float* k2 = k + (kK > 1 ? 2 * k_stride : 0);
-  const float* k3 = k + (kK > 1 ? 3 * k_stride : 0);
-  VF s00 = hn::Zero(df), s01 = s00, s02 = s00, s03 = s00, s10 = s00, s11 = s00, s12 = s00,
-     s13 = s00, s20 = s00, s21 = s00, s22 = s00, s23 = s00, s30 = s00, s31 = s00, s32 = s00,
-     s33 = s00;
+  VF s[kK][kV];
+  HWY_UNROLL(8) for (int c = 0; c < kK; ++c)
+    HWY_UNROLL(8) for (int v = 0; v < kV; ++v) s[c][v] = hn::Zero(df);
   for (int64_t d = 0; d < dim; ++d) {
     const float* qd = q_t + d * kBr;
-    const VF q0 = hn::Load(df, qd);
-    const VF q1 = kV > 1 ? hn::Load(df, qd + nf) : q0;
-    const VF q2 = kV > 2 ? hn::Load(df, qd + 2 * nf) : q0;
-    const VF q3 = kV > 3 ? hn::Load(df, qd + 3 * nf) : q0;
-    const VF b0 = hn::Set(df, k0[d]);
-    s00 = hn::MulAdd(b0, q0, s00);  // S[c, r] += K[c, d] * Q'[r, d]
-    if constexpr (kV > 1) s01 = hn::MulAdd(b0, q1, s01);
-    if constexpr (kV > 2) s02 = hn::MulAdd(b0, q2, s02);
-    if constexpr (kV > 3) s03 = hn::MulAdd(b0, q3, s03);
-    if constexpr (kK > 1) {
-      const VF b1 = hn::Set(df, k1[d]);
-      const VF b2 = hn::Set(df, k2[d]);
-      const VF b3 = hn::Set(df, k3[d]);
-      s10 = hn::MulAdd(b1, q0, s10);
-      s20 = hn::MulAdd(b2, q0, s20);
-      s30 = hn::MulAdd(b3, q0, s30);
-      if constexpr (kV > 1) {
-        s11 = hn::MulAdd(b1, q1, s11);
-        s21 = hn::MulAdd(b2, q1, s21);
-        s31 = hn::MulAdd(b3, q1, s31);
-      }
-      if constexpr (kV > 2) {
-        s12 = hn::MulAdd(b1, q2, s12);
-        s22 = hn::MulAdd(b2, q2, s22);
-        s32 = hn::MulAdd(b3, q2, s32);
-      }
-      if constexpr (kV > 3) {
-        s13 = hn::MulAdd(b1, q3, s13);
-        s23 = hn::MulAdd(b2, q3, s23);
-        s33 = hn::MulAdd(b3, q3, s33);
-      }
+    VF q[kV];
+    HWY_UNROLL(8) for (int v = 0; v < kV; ++v) q[v] = hn::Load(df, qd + v * nf);
+    HWY_UNROLL(8) for (int c = 0; c < kK; ++c) {
+      const VF b = hn::Set(df, k[c * k_stride + d]);
+      HWY_UNROLL(8) for (int v = 0; v < kV; ++v) s[c][v] = hn::MulAdd(b, q[v], s[c][v]);
     }
   }
-  hn::Store(s00, df, s_t);
-  if constexpr (kV > 1) hn::Store(s01, df, s_t + nf);
-  if constexpr (kV > 2) hn::Store(s02, df, s_t + 2 * nf);
-  if constexpr (kV > 3) hn::Store(s03, df, s_t + 3 * nf);
-  if constexpr (kK > 1) {
-    const VF rows[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23},
-                           {s30, s31, s32, s33}};
-    for (int c = 1; c < 4; ++c)
-      for (int v = 0; v < kV; ++v) hn::Store(rows[c][v], df, s_t + c * kBr + v * nf);
-  }
+  HWY_UNROLL(8)
+  for (int c = 0; c < kK; ++c) HWY_UNROLL(8) for (int v = 0; v < kV; ++v)
+      hn::Store(s[c][v], df, s_t + c * kBr + v * nf);
 }
 
 // Updates acc^T[dv0 + n, lanes] = alpha * acc^T + sum_{c in [c0, c1)}
@@ -302,65 +311,25 @@ HWY_INLINE void PVTile(DF df, const float* HWY_RESTRICT p_t, const float* HWY_RE
                        const float* HWY_RESTRICT v, int64_t v_stride, int64_t c0, int64_t c1,
                        float* HWY_RESTRICT acc_t) {
   const size_t nf = hn::Lanes(df);
-  const VF al0 = hn::Load(df, alpha);
-  const VF al1 = kV > 1 ? hn::Load(df, alpha + nf) : al0;
-  const VF al2 = kV > 2 ? hn::Load(df, alpha + 2 * nf) : al0;
-  const VF al3 = kV > 3 ? hn::Load(df, alpha + 3 * nf) : al0;
-  // acc = acc * exp(m_old - m_new): the rescale rides on the load.
-  auto load = [&](int n, int vv, VF al) {
-    return hn::Mul(al, hn::Load(df, acc_t + n * kBr + vv * nf));
-  };
-  const VF z = hn::Zero(df);
-  VF a00 = load(0, 0, al0), a01 = kV > 1 ? load(0, 1, al1) : z, a02 = kV > 2 ? load(0, 2, al2) : z,
-     a03 = kV > 3 ? load(0, 3, al3) : z;
-  VF a10 = z, a11 = z, a12 = z, a13 = z, a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z,
-     a32 = z, a33 = z;
-  if constexpr (kN > 1) {
-    a10 = load(1, 0, al0), a20 = load(2, 0, al0), a30 = load(3, 0, al0);
-    if constexpr (kV > 1) a11 = load(1, 1, al1), a21 = load(2, 1, al1), a31 = load(3, 1, al1);
-    if constexpr (kV > 2) a12 = load(1, 2, al2), a22 = load(2, 2, al2), a32 = load(3, 2, al2);
-    if constexpr (kV > 3) a13 = load(1, 3, al3), a23 = load(2, 3, al3), a33 = load(3, 3, al3);
+  VF a[kN][kV];
+  HWY_UNROLL(8) for (int vv = 0; vv < kV; ++vv) {
+    const VF al = hn::Load(df, alpha + vv * nf);
+    HWY_UNROLL(8)
+    for (int n = 0; n < kN; ++n) a[n][vv] = hn::Mul(al, hn::Load(df, acc_t + n * kBr + vv * nf));
   }
   for (int64_t c = c0; c < c1; ++c) {
     const float* pc = p_t + c * kBr;
     const float* vc = v + c * v_stride;
-    const VF p0 = hn::Load(df, pc);
-    const VF p1 = kV > 1 ? hn::Load(df, pc + nf) : p0;
-    const VF p2 = kV > 2 ? hn::Load(df, pc + 2 * nf) : p0;
-    const VF p3 = kV > 3 ? hn::Load(df, pc + 3 * nf) : p0;
-    const VF b0 = hn::Set(df, vc[0]);
-    a00 = hn::MulAdd(b0, p0, a00);  // acc[r, dv] += P[r, c] * V[c, dv]
-    if constexpr (kV > 1) a01 = hn::MulAdd(b0, p1, a01);
-    if constexpr (kV > 2) a02 = hn::MulAdd(b0, p2, a02);
-    if constexpr (kV > 3) a03 = hn::MulAdd(b0, p3, a03);
-    if constexpr (kN > 1) {
-      const VF b1 = hn::Set(df, vc[1]);
-      const VF b2 = hn::Set(df, vc[2]);
-      const VF b3 = hn::Set(df, vc[3]);
-      a10 = hn::MulAdd(b1, p0, a10);
-      a20 = hn::MulAdd(b2, p0, a20);
-      a30 = hn::MulAdd(b3, p0, a30);
-      if constexpr (kV > 1) {
-        a11 = hn::MulAdd(b1, p1, a11);
-        a21 = hn::MulAdd(b2, p1, a21);
-        a31 = hn::MulAdd(b3, p1, a31);
-      }
-      if constexpr (kV > 2) {
-        a12 = hn::MulAdd(b1, p2, a12);
-        a22 = hn::MulAdd(b2, p2, a22);
-        a32 = hn::MulAdd(b3, p2, a32);
-      }
-      if constexpr (kV > 3) {
-        a13 = hn::MulAdd(b1, p3, a13);
-        a23 = hn::MulAdd(b2, p3, a23);
-        a33 = hn::MulAdd(b3, p3, a33);
-      }
+    VF p[kV];
+    HWY_UNROLL(8) for (int vv = 0; vv < kV; ++vv) p[vv] = hn::Load(df, pc + vv * nf);
+    HWY_UNROLL(8) for (int n = 0; n < kN; ++n) {
+      const VF b = hn::Set(df, vc[n]);
+      HWY_UNROLL(8) for (int vv = 0; vv < kV; ++vv) a[n][vv] = hn::MulAdd(b, p[vv], a[n][vv]);
     }
   }
-  const VF cols[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},
-                         {a30, a31, a32, a33}};
-  for (int n = 0; n < kN; ++n)
-    for (int vv = 0; vv < kV; ++vv) hn::Store(cols[n][vv], df, acc_t + n * kBr + vv * nf);
+  HWY_UNROLL(8)
+  for (int n = 0; n < kN; ++n) HWY_UNROLL(8) for (int vv = 0; vv < kV; ++vv)
+      hn::Store(a[n][vv], df, acc_t + n * kBr + vv * nf);
 }
 
 // S^T rows [c0, c1) for kV query vectors at lane offset `lane0`.
@@ -368,8 +337,12 @@ template <int kV>
 void QKBlock(const float* q_t, int64_t dim, const float* k, int64_t k_stride, int64_t c0,
              int64_t c1, float* s_t) {
   const DF df;
+  constexpr int kK = kV == kMaxVecs ? kTileKeys : 4;
   int64_t c = c0;
-  for (; c + 4 <= c1; c += 4) QKTile<4, kV>(df, q_t, dim, k + c * k_stride, k_stride, s_t + c * kBr);
+  for (; c + kK <= c1; c += kK)
+    QKTile<kK, kV>(df, q_t, dim, k + c * k_stride, k_stride, s_t + c * kBr);
+  for (; c + 4 <= c1; c += 4)
+    QKTile<4, kV>(df, q_t, dim, k + c * k_stride, k_stride, s_t + c * kBr);
   for (; c < c1; ++c) QKTile<1, kV>(df, q_t, dim, k + c * k_stride, k_stride, s_t + c * kBr);
 }
 
@@ -377,11 +350,14 @@ template <int kV>
 void PVBlock(const float* p_t, const float* alpha, const float* v, int64_t v_stride, int64_t dim_v,
              int64_t c0, int64_t c1, float* acc_t) {
   const DF df;
+  constexpr int kN = kV == kMaxVecs ? kTileKeys : 4;
   int64_t n = 0;
-  for (; n + 4 <= dim_v; n += 4) PVTile<4, kV>(df, p_t, alpha, v + n, v_stride, c0, c1, acc_t + n * kBr);
+  for (; n + kN <= dim_v; n += kN)
+    PVTile<kN, kV>(df, p_t, alpha, v + n, v_stride, c0, c1, acc_t + n * kBr);
+  for (; n + 4 <= dim_v; n += 4)
+    PVTile<4, kV>(df, p_t, alpha, v + n, v_stride, c0, c1, acc_t + n * kBr);
   for (; n < dim_v; ++n) PVTile<1, kV>(df, p_t, alpha, v + n, v_stride, c0, c1, acc_t + n * kBr);
 }
-
 // Safe P.V for a V block with inf/NaN: skips every P = -0 (a skipped pair).
 void PVBlockSafe(const float* p_t, const float* alpha, const float* v, int64_t v_stride,
                  int64_t dim_v, int64_t c0, int64_t c1, int64_t lanes, float* acc_t) {
@@ -399,7 +375,8 @@ void PVBlockSafe(const float* p_t, const float* alpha, const float* v, int64_t v
 }
 
 // Fills bias^T[c, r] for c in [c0, c1) of one row: the explicit mask value
-// where [lo, hi) allows j0 + c, else -inf; returns whether any is not -inf.
+// times log2(e) (S is in base 2) where [lo, hi) allows j0 + c, else -inf;
+// returns whether any is not -inf.
 template <class T>
 bool FillBiasRow(const T* mask, int64_t j_stride, int64_t j0, int64_t lo, int64_t hi, int64_t c0,
                  int64_t c1, float* bias_col) {
@@ -411,9 +388,9 @@ bool FillBiasRow(const T* mask, int64_t j_stride, int64_t j0, int64_t lo, int64_
       if constexpr (std::is_same_v<T, uint8_t>) {
         value = mask[j * j_stride] ? 0.0f : -kInf;
       } else if constexpr (std::is_same_v<T, uint16_t>) {
-        value = HalfToFloat(mask[j * j_stride]);
+        value = static_cast<float>(HalfToFloat(mask[j * j_stride]) * kLog2E);
       } else {
-        value = static_cast<float>(mask[j * j_stride]);
+        value = static_cast<float>(static_cast<double>(mask[j * j_stride]) * kLog2E);
       }
     }
     any |= value != -kInf;
@@ -457,6 +434,7 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, int tid, int nu
   const bool v_direct = p.v.dtype == DType::kFloat32 && p.v.strides[3] == 1;
   const TensorView& mask = p.mask.mask;
   const bool has_mask = mask.present();
+  const double scale2 = static_cast<double>(pr.scale) * kLog2E;
 
   for (int64_t item = tid; item < items; item += num_threads) {
     const int64_t b = item / (pr.num_kv_heads * blocks);
@@ -477,8 +455,9 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, int tid, int nu
       lo_max = std::max(lo_max, range.lo), hi_min = std::min(hi_min, range.hi);
       if (range.hi > range.lo) lo_min = std::min(lo_min, range.lo), hi_max = std::max(hi_max, range.hi);
     }
-    // Pack Q'^T [dim, lanes] = scale * Q^T (one rounding of the exact
-    // product); padding lanes are 0 and never written out.
+    // Pack Q'^T [dim, lanes] = scale * log2(e) * Q^T (one rounding of the
+    // double product), so S is in base 2; padding lanes are 0 and never
+    // written out.
     for (int64_t r = 0; r < lanes; ++r) {
       if (r >= rows) {
         for (int64_t d = 0; d < dim; ++d) q_t[d * kBr + r] = 0.0f;
@@ -488,11 +467,11 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, int tid, int nu
       if (p.q.dtype == DType::kFloat32) {
         const float* q = static_cast<const float*>(p.q.data) + off;
         for (int64_t d = 0; d < dim; ++d)
-          q_t[d * kBr + r] = static_cast<float>(pr.scale * q[d * p.q.strides[3]]);
+          q_t[d * kBr + r] = static_cast<float>(scale2 * q[d * p.q.strides[3]]);
       } else {
         for (int64_t d = 0; d < dim; ++d)
           q_t[d * kBr + r] = static_cast<float>(
-              pr.scale * LoadAsFloat(p.q.data, p.q.dtype, off + d * p.q.strides[3]));
+              scale2 * LoadAsFloat(p.q.data, p.q.dtype, off + d * p.q.strides[3]));
       }
     }
     for (int64_t r = 0; r < lanes; ++r) row_max[r] = -kInf, row_sum[r] = 0.0f, alpha[r] = 0.0f;
@@ -627,14 +606,15 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, int tid, int nu
       const bool safe = has_skipped && !VFinite(v_rows, v_stride, dim_v, c0, c1);
       for (int64_t r = 0; r < lanes; r += nf) {
         const VF ms = hn::Load(df, m_sub + r);
-        const VF al = ExpOrNan(df, hn::Sub(hn::Load(df, row_max_old + r), ms));  // alpha = exp(m_old - m_new)
+        const VF al = Exp2NonPositive(
+            df, hn::Sub(hn::Load(df, row_max_old + r), ms));  // alpha = 2^(m_old - m_new)
         VF l0 = hn::Zero(df), l1 = l0;
         int64_t c = c0;
         if (!safe) {
           for (; c + 2 <= c1; c += 2) {
             float* s0 = s_t + c * kBr + r;
-            const VF p0 = ExpOrNan(df, hn::Sub(hn::Load(df, s0), ms));  // p = exp(s - m_new)
-            const VF p1 = ExpOrNan(df, hn::Sub(hn::Load(df, s0 + kBr), ms));
+            const VF p0 = Exp2NonPositive(df, hn::Sub(hn::Load(df, s0), ms));  // p = 2^(s - m_new)
+            const VF p1 = Exp2NonPositive(df, hn::Sub(hn::Load(df, s0 + kBr), ms));
             hn::Store(p0, df, s0);
             hn::Store(p1, df, s0 + kBr);
             l0 = hn::Add(l0, p0);
@@ -643,7 +623,7 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, int tid, int nu
         }
         for (; c < c1; ++c) {
           const VF sv = hn::Load(df, s_t + c * kBr + r);
-          VF pv = ExpOrNan(df, hn::Sub(sv, ms));
+          VF pv = Exp2NonPositive(df, hn::Sub(sv, ms));
           if (safe) pv = hn::IfThenElse(hn::Eq(sv, neg_inf), neg_zero, pv);
           hn::Store(pv, df, s_t + c * kBr + r);
           l0 = hn::Add(l0, pv);
@@ -669,7 +649,8 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, int tid, int nu
       }
     }
 
-    // out = acc / l, lse = m + log(l); l = 0: no allowed key, zeros and -inf.
+    // out = acc / l, lse = (m + log2(l)) ln 2 (m is in base 2); l = 0: no
+    // allowed key, zeros and -inf.
     for (int64_t r = 0; r < rows; ++r) {
       const float l = row_sum[r];
       const bool empty = l == 0.0f;
@@ -680,13 +661,26 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, int tid, int nu
       }
       if (p.lse.present()) {
         StoreFromFloat(p.lse.data, p.lse.dtype, p.lse.Offset(b, h, i, 0),
-                       empty ? -kInf : row_max[r] + std::log(l));
+                       empty ? -kInf : static_cast<float>((double{row_max[r]} + std::log2(double{l})) * kLn2));
       }
     }
   }
 }
 
 const char* TargetName() { return hwy::TargetName(HWY_TARGET); }
+
+// Computes out[i] = Exp2NonPositive(in[i]) for i < n (for the accuracy test).
+void Exp2Array(const float* in, int64_t n, float* out) {
+  const DF df;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  HWY_ALIGN float buf[64] = {};  // >= one vector on every target
+  for (int64_t i = 0; i < n; i += nf) {
+    const int64_t m = std::min(nf, n - i);
+    std::copy(in + i, in + i + m, buf);
+    hn::Store(Exp2NonPositive(df, hn::Load(df, buf)), df, buf);
+    std::copy(buf, buf + m, out + i);
+  }
+}
 
 }  // namespace qkv::internal::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
@@ -696,6 +690,7 @@ namespace qkv::internal {
 
 HWY_EXPORT(FlashRunThread);
 HWY_EXPORT(TargetName);
+HWY_EXPORT(Exp2Array);
 
 int64_t FlashScratchBytes(const Problem& problem) {
   return FlashLayout::For(problem).bytes * std::max(problem.threads, 1);
@@ -716,6 +711,11 @@ void FlashAttention(const AttentionParams& params, const Problem& problem) {
 }
 
 const char* FlashSimdTarget() { return HWY_DYNAMIC_DISPATCH(TargetName)(); }
+
+// Test hook (declared in tests/flash_attention_test.cc): the kernel's 2^t.
+void FlashExp2ForTest(const float* in, int64_t n, float* out) {
+  HWY_DYNAMIC_DISPATCH(Exp2Array)(in, n, out);
+}
 
 }  // namespace qkv::internal
 #endif  // HWY_ONCE
