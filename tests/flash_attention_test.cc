@@ -19,12 +19,6 @@
 #include "qkv/tensor.h"
 #include "test_util.h"
 
-namespace qkv::internal {
-// Computes out[i] = 2^in[i] with the kernel's softmax exp2 (valid for
-// in[i] <= 0), under the dispatched target; defined in flash_attention.cc.
-void FlashExp2ForTest(const float* in, int64_t n, float* out);
-}  // namespace qkv::internal
-
 namespace qkv::test {
 namespace {
 

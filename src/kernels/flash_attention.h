@@ -9,8 +9,8 @@
 
 namespace qkv::internal {
 
-// Returns the bytes FlashAttention allocates for `problem`: independent of
-// seq_q and linear in seq_kv only through nothing (tiles are fixed size).
+// Returns the bytes FlashAttention allocates for `problem`: fixed-size tiles
+// per thread, independent of seq_q and seq_kv (linear in head_dim).
 int64_t FlashScratchBytes(const Problem& problem);
 
 // Computes out (and lse if present) for valid `params` with
@@ -20,6 +20,10 @@ void FlashAttention(const AttentionParams& params, const Problem& problem);
 // Returns the name of the SIMD target the dispatcher picks on this machine,
 // e.g. "AVX3" or "AVX2".
 const char* FlashSimdTarget();
+
+// Computes out[i] = 2^in[i] with the kernel's softmax exp2 (valid for
+// in[i] <= 0) under the dispatched target. For tests of its accuracy.
+void FlashExp2ForTest(const float* in, int64_t n, float* out);
 
 }  // namespace qkv::internal
 
