@@ -60,43 +60,7 @@ TEST(ReferenceAttentionTest, HeadDimsBothCrossShapes) {
   }
 }
 
-// Applies mask rule `kind` (0..9) to `c`, with random boolean/additive masks
-// that also empty whole rows.
-void ApplyMask(Case& c, int kind, std::mt19937_64& rng) {
-  const int64_t n = c.batch * c.num_q_heads * c.seq_q * c.seq_kv;
-  std::bernoulli_distribution coin(0.7);
-  switch (kind) {
-    case 0: break;
-    case 1: c.causal = true; break;
-    case 2: c.causal = true; c.top_left = true; break;
-    case 3: c.window_left = 5; c.window_right = 2; break;
-    case 4: c.window_left = 0; c.window_right = 0; break;
-    case 5: c.window_left = 3; c.window_right = -1; c.top_left = true; break;
-    case 6:
-      c.key_lengths.resize(c.batch);
-      for (int64_t b = 0; b < c.batch; ++b) c.key_lengths[b] = (b * 5 + 3) % (c.seq_kv + 1);
-      if (c.batch > 1) c.key_lengths[0] = 0;  // a batch with no keys at all
-      break;
-    case 7:
-      c.bool_mask.resize(n);
-      for (auto& m : c.bool_mask) m = coin(rng);
-      for (int64_t j = 0; j < c.seq_kv; ++j) c.bool_mask[j] = 0;  // row 0 fully masked
-      break;
-    case 8: {
-      std::normal_distribution<double> normal(0.0, 2.0);
-      c.add_mask.resize(n);
-      for (auto& m : c.add_mask) m = coin(rng) ? static_cast<float>(normal(rng)) : -kInf;
-      for (int64_t j = 0; j < c.seq_kv; ++j) c.add_mask[c.seq_kv + j] = -kInf;
-      break;
-    }
-    case 9:  // everything at once
-      ApplyMask(c, 1, rng);
-      ApplyMask(c, 6, rng);
-      ApplyMask(c, 8, rng);
-      c.window_left = 4;
-      break;
-  }
-}
+void ApplyMask(Case& c, int kind, std::mt19937_64& rng) { ApplyMaskKind(c, kind, rng); }
 
 TEST(ReferenceAttentionTest, EveryMaskKindAndCombination) {
   const int64_t shapes[][2] = {{7, 97}, {97, 7}, {129, 129}, {1, 1025}, {1025, 1}, {1, 1}};

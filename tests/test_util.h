@@ -141,6 +141,46 @@ inline Case RandomCase(int64_t batch, int64_t heads, int64_t kv_heads, int64_t s
   return c;
 }
 
+// Applies mask rule `kind` (0..9) to `c`, with random boolean/additive masks
+// that also empty whole rows: 0 none, 1 causal, 2 causal top-left, 3 window
+// (5, 2), 4 window (0, 0), 5 window (left_window, -1) top-left, 6 key lengths
+// (one batch with none), 7 boolean, 8 additive with -inf, 9 everything at once.
+inline void ApplyMaskKind(Case& c, int kind, std::mt19937_64& rng, int64_t left_window = 3) {
+  const int64_t n = c.batch * c.num_q_heads * c.seq_q * c.seq_kv;
+  std::bernoulli_distribution coin(0.7);
+  switch (kind) {
+    case 0: break;
+    case 1: c.causal = true; break;
+    case 2: c.causal = true; c.top_left = true; break;
+    case 3: c.window_left = 5; c.window_right = 2; break;
+    case 4: c.window_left = 0; c.window_right = 0; break;
+    case 5: c.window_left = left_window; c.window_right = -1; c.top_left = true; break;
+    case 6:
+      c.key_lengths.resize(c.batch);
+      for (int64_t b = 0; b < c.batch; ++b) c.key_lengths[b] = (b * 67 + 3) % (c.seq_kv + 1);
+      if (c.batch > 1) c.key_lengths[0] = 0;  // a batch with no keys at all
+      break;
+    case 7:
+      c.bool_mask.resize(n);
+      for (auto& m : c.bool_mask) m = coin(rng);
+      for (int64_t j = 0; j < c.seq_kv; ++j) c.bool_mask[j] = 0;  // row 0 fully masked
+      break;
+    case 8: {
+      std::normal_distribution<double> normal(0.0, 2.0);
+      c.add_mask.resize(n);
+      for (auto& m : c.add_mask) m = coin(rng) ? static_cast<float>(normal(rng)) : -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < c.seq_kv; ++j) c.add_mask[c.seq_kv + j] = -std::numeric_limits<double>::infinity();
+      break;
+    }
+    case 9:  // everything at once
+      ApplyMaskKind(c, 1, rng);
+      ApplyMaskKind(c, 6, rng);
+      ApplyMaskKind(c, 8, rng);
+      c.window_left = 4;
+      break;
+  }
+}
+
 // Library outputs of one run, in double.
 struct Result {
   std::vector<double> out, lse, weights;
