@@ -34,9 +34,29 @@ struct BenchFlags {
   std::string dtype = "f32";
   int repeat = 5;
   bool json = false;
+  // --decode: one decode step over a filled cache instead of a prefill.
+  bool decode = false;
+  int64_t cache_len = 0;
+  int64_t heads = 32, head_dim = 128;
+  std::string cache_dtype = "f32";
 };
 
 int RunBench(const BenchFlags& f) {
+  if (f.decode) {
+    if (!f.shape.empty()) throw Error("--shape is for prefill (expected --cache-len with --decode)");
+    if (f.cache_len < 1) throw Error("--cache-len: expected >= 1 with --decode");
+    DecodeBenchArgs a;
+    a.cache_len = f.cache_len;
+    a.heads = f.heads;
+    a.kv_heads = f.kv_heads > 0 ? f.kv_heads : 8;
+    a.head_dim = f.head_dim;
+    a.cache_dtype = f.cache_dtype;
+    a.threads = f.threads;
+    a.repeat = f.repeat;
+    a.json = f.json;
+    return RunDecodeBenchmark(a);
+  }
+  if (f.shape.empty()) throw Error("--shape is required (expected B,H,N,D, or --decode)");
   const std::vector<int64_t> s = ParseIntList(f.shape, 4, "--shape", false);
   if (f.kv_heads < 0 || f.seq_kv < -1) {
     throw Error("--kv-heads / --seq-kv: negative value (expected --kv-heads >= 1, --seq-kv >= 0)");
@@ -114,8 +134,8 @@ Runner AddBenchCommand(CLI::App& app) {
   auto flags = std::make_shared<BenchFlags>();
   BenchFlags& f = *flags;
   CLI::App* cmd = app.add_subcommand("bench", "Time attention on random inputs (GFLOP/s, memory)");
-  cmd->add_option("--shape", f.shape, "B,H,N,D: batch, query heads, sequence, head dim")->required();
-  cmd->add_option("--kv-heads", f.kv_heads, "KV heads (default H; fewer = GQA/MQA)");
+  cmd->add_option("--shape", f.shape, "Prefill B,H,N,D: batch, query heads, sequence, head dim");
+  cmd->add_option("--kv-heads", f.kv_heads, "KV heads (default H; fewer = GQA/MQA; --decode: 8)");
   cmd->add_option("--seq-kv", f.seq_kv, "Key count Nk (default N)");
   cmd->add_flag("--causal", f.causal, "Causal (bottom-right); flops count allowed pairs only");
   cmd->add_option("--threads", f.threads, "Threads (0 = all cores)")->capture_default_str();
@@ -129,6 +149,16 @@ Runner AddBenchCommand(CLI::App& app) {
   cmd->add_flag("--json", f.json,
                 "Print one JSON object: median_s, min_s, max_s, flops, gflops, peak_rss_bytes, "
                 "kernel, threads, simd_target, ...");
+  auto* decode = cmd->add_flag("--decode", f.decode,
+                               "Time one decode step (1 query per head) over a filled KV cache; "
+                               "JSON: median_s per token, bytes_per_token, gbps");
+  cmd->add_option("--cache-len", f.cache_len, "--decode: cached tokens")->needs(decode);
+  cmd->add_option("--heads", f.heads, "--decode: query heads")->needs(decode)->capture_default_str();
+  cmd->add_option("--head-dim", f.head_dim, "--decode: head dim")->needs(decode)->capture_default_str();
+  cmd->add_option("--cache-dtype", f.cache_dtype, "--decode: cache storage dtype")
+      ->check(CLI::IsMember({"f32", "f16", "bf16", "i8"}))
+      ->needs(decode)
+      ->capture_default_str();
   return [flags] { return RunBench(*flags); };
 }
 

@@ -5,7 +5,9 @@
 #ifndef QKV_CLI_COMMANDS_H_
 #define QKV_CLI_COMMANDS_H_
 
+#include <cstdint>
 #include <functional>
+#include <string>
 
 #include <CLI/CLI.hpp>
 
@@ -19,6 +21,19 @@ Runner AddBenchCommand(CLI::App& app);
 Runner AddPositionalCommand(CLI::App& app);
 Runner AddClassicCommand(CLI::App& app);
 Runner AddMhaCommand(CLI::App& app);
+Runner AddDecodeCommand(CLI::App& app);
+Runner AddMemoryCommand(CLI::App& app);
+
+// `qkv bench --decode`: one decode step over a filled contiguous cache.
+struct DecodeBenchArgs {
+  int64_t cache_len = 0;
+  int64_t heads = 32, kv_heads = 8, head_dim = 128;
+  std::string cache_dtype = "f32";
+  int threads = 0;
+  int repeat = 5;
+  bool json = false;
+};
+int RunDecodeBenchmark(const DecodeBenchArgs& args);
 
 }  // namespace qkv::cli
 

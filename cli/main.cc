@@ -26,6 +26,8 @@ int main(int argc, char** argv) {
       qkv::cli::AddPositionalCommand(app),
       qkv::cli::AddClassicCommand(app),
       qkv::cli::AddMhaCommand(app),
+      qkv::cli::AddDecodeCommand(app),
+      qkv::cli::AddMemoryCommand(app),
   };
   const std::vector<CLI::App*> all = app.get_subcommands({});  // in the order added
   try {
@@ -33,7 +35,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
     if (argc > 1 && argv[1][0] != '-' && app.get_subcommands().empty()) {
-      std::fprintf(stderr, "qkv: unknown command '%s' (expected attend, demo, bench, mha, positions or classic; see qkv --help)\n",
+      std::fprintf(stderr, "qkv: unknown command '%s' (expected attend, demo, bench, decode, memory, mha, positions or classic; see qkv --help)\n",
                    argv[1]);
       return 2;
     }

@@ -795,6 +795,30 @@ TEST_F(CliTest, VerboseSaysWhichKernelRan) {
   }
 }
 
+// qkv memory prints the worked example exactly; qkv decode and
+// qkv bench --decode run and report; bad flags are usage errors.
+TEST_F(CliTest, MemoryDecodeAndDecodeBench) {
+  const CliResult m =
+      Run({"memory", "--heads", "32", "--head-dim", "128", "--seq", "32768", "--dtype", "f16"});
+  ASSERT_TRUE(m.exited && m.status == 0) << Describe(m);
+  EXPECT_NE(m.out.find("68,719,476,736 bytes = 68.7 GB = 64 GiB"), std::string::npos) << m.out;
+  const CliResult d = Run({"decode", "--prompt", "100", "--generate", "3", "--heads", "4",
+                           "--kv-heads", "2", "--head-dim", "16", "--cache", "paged"});
+  ASSERT_TRUE(d.exited && d.status == 0) << Describe(d);
+  EXPECT_NE(d.out.find("per token"), std::string::npos) << d.out;
+  const CliResult b = Run({"bench", "--decode", "--cache-len", "300", "--heads", "4",
+                           "--kv-heads", "1", "--head-dim", "8", "--cache-dtype", "i8",
+                           "--repeat", "1", "--json"});
+  ASSERT_TRUE(b.exited && b.status == 0) << Describe(b);
+  for (const char* key : {"\"median_s\"", "\"bytes_per_token\"", "\"gbps\""}) {
+    EXPECT_NE(b.out.find(key), std::string::npos) << key << " missing in " << b.out;
+  }
+  ExpectUsageError({"decode", "--heads", "6", "--kv-heads", "4"}, "--kv-heads");
+  ExpectUsageError({"bench", "--decode"}, "--cache-len");
+  ExpectUsageError({"bench", "--cache-len", "10"}, "--decode");
+  ExpectUsageError({"memory", "--kv-heads", "3", "--heads", "32", "--head-dim", "64", "--seq", "8"}, "kv-heads");
+}
+
 TEST_F(CliTest, DemoPrintsOk) {
   const CliResult r = Run({"demo"}, 60.0);
   ASSERT_TRUE(r.exited) << Describe(r);

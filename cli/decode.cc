@@ -1,0 +1,239 @@
+// qkv decode: a generation-shaped workload on random data (a prompt, then
+// tokens generated one at a time through a KV cache), and the decode part of
+// qkv bench (one step over a filled cache). Only useful for measurement:
+// correctness is the tests' job.
+//
+// Bandwidth = K/V (and int8 scale) bytes the kernel read / time; decode is
+// bound by it (each cached byte is used for ~num_q_heads / num_kv_heads
+// multiply-adds).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "common.h"
+#include "qkv/decode.h"
+#include "qkv/error.h"
+#include "qkv/kv_cache.h"
+
+namespace qkv::cli {
+namespace {
+
+struct DecodeFlags {
+  int64_t prompt = 1024;
+  int64_t generate = 64;
+  std::string cache = "contiguous";
+  std::string cache_dtype = "f32";
+  int64_t heads = 32, kv_heads = 8, head_dim = 128;
+  int64_t window = 4096, sinks = 4, block_size = 16;
+  int threads = 0;
+  int repeat = 5;
+  bool json = false;
+};
+
+DType CacheDType(const std::string& name) {
+  if (name == "f16") return DType::kFloat16;
+  if (name == "bf16") return DType::kBFloat16;
+  if (name == "i8") return DType::kInt8;
+  return DType::kFloat32;
+}
+
+KvCacheConfig MakeConfig(const DecodeFlags& f, int64_t tokens) {
+  KvCacheConfig c;
+  c.dtype = CacheDType(f.cache_dtype);
+  c.num_kv_heads = f.kv_heads;
+  c.head_dim = f.head_dim;
+  if (f.cache == "sliding") {
+    c.kind = CacheKind::kSliding;
+    c.window = f.window;
+  } else if (f.cache == "sinks") {
+    c.kind = CacheKind::kSinks;
+    c.window = f.window;
+    c.num_sinks = f.sinks;
+  } else if (f.cache == "paged") {
+    c.kind = CacheKind::kPaged;
+    c.block_size = f.block_size;
+    c.num_blocks = (tokens + f.block_size - 1) / f.block_size;
+  } else {
+    c.capacity = tokens;
+  }
+  return c;
+}
+
+// Random N(0, 1) float32 [1, heads, n, head_dim].
+std::vector<float> Random(int64_t n, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (float& v : x) v = normal(rng);
+  return x;
+}
+
+void CheckFlags(const DecodeFlags& f) {
+  if (f.heads < 1 || f.kv_heads < 1 || f.head_dim < 1 || f.heads % f.kv_heads != 0) {
+    throw Error("--heads / --kv-heads / --head-dim: " + std::to_string(f.heads) + " / " +
+                std::to_string(f.kv_heads) + " / " + std::to_string(f.head_dim) +
+                " (expected positive, with --kv-heads dividing --heads)");
+  }
+  if (f.prompt < 0 || f.generate < 1 || f.repeat < 1 || f.repeat > 10000) {
+    throw Error("--prompt / --generate / --repeat: expected prompt >= 0, generate >= 1, "
+                "1 <= repeat <= 10000");
+  }
+  const double bytes = 2.0 * f.kv_heads * f.head_dim * (f.prompt + f.generate) *
+                       DTypeSize(CacheDType(f.cache_dtype));
+  CheckFitsInMemory("the KV cache", bytes);
+}
+
+// Appends n random tokens to `seq`.
+void AppendRandom(KvCache& cache, int64_t seq, int64_t n, const DecodeFlags& f,
+                  std::mt19937_64& rng) {
+  const std::vector<float> k = Random(f.kv_heads * n * f.head_dim, rng);
+  const std::vector<float> v = Random(f.kv_heads * n * f.head_dim, rng);
+  const Shape4 shape{1, f.kv_heads, n, f.head_dim};
+  cache.Append(seq, TensorView::Contiguous(k.data(), DType::kFloat32, shape),
+               TensorView::Contiguous(v.data(), DType::kFloat32, shape));
+}
+
+// Runs one decode step of sequence `seq` with random queries; returns info.
+DecodeInfo Step(const KvCache& cache, int64_t seq, const DecodeFlags& f,
+                const std::vector<float>& q, std::vector<float>& out) {
+  const KvSequenceView view = cache.View(seq);
+  DecodeParams p;
+  p.q = TensorView::Contiguous(q.data(), DType::kFloat32, {1, f.heads, 1, f.head_dim});
+  p.sequences = std::span<const KvSequenceView>(&view, 1);
+  p.out = MutableTensorView::Contiguous(out.data(), DType::kFloat32, {1, f.heads, 1, f.head_dim});
+  p.num_threads = f.threads;
+  if (f.cache == "sliding") p.window = f.window;
+  return Decode(p);
+}
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+double Median(std::vector<double> t) {
+  std::sort(t.begin(), t.end());
+  return t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
+}
+
+int RunDecode(const DecodeFlags& f) {
+  CheckFlags(f);
+  KvCache cache(MakeConfig(f, f.prompt + f.generate));
+  const int64_t seq = cache.AddSequence();
+  std::mt19937_64 rng(1);
+  if (f.prompt > 0) AppendRandom(cache, seq, f.prompt, f, rng);
+  const std::vector<float> q = Random(f.heads * f.head_dim, rng);
+  std::vector<float> out(q.size());
+  std::vector<double> times;
+  double bytes = 0.0;
+  DecodeInfo info;
+  for (int64_t t = 0; t < f.generate; ++t) {
+    AppendRandom(cache, seq, 1, f, rng);  // the new token's K/V, then its query
+    const double t0 = Now();
+    info = Step(cache, seq, f, q, out);
+    times.push_back(Now() - t0);
+    bytes += static_cast<double>(info.kv_bytes_read);
+  }
+  double total = 0.0;
+  for (double t : times) total += t;
+  std::printf("decode: %s cache (%s), %lld heads / %lld kv heads x %lld, prompt %lld, "
+              "%lld tokens generated\n",
+              f.cache.c_str(), f.cache_dtype.c_str(), (long long)f.heads, (long long)f.kv_heads,
+              (long long)f.head_dim, (long long)f.prompt, (long long)f.generate);
+  std::printf("%.1f us per token (median %.1f us), %.2f GB/s of K/V read, %d threads, %s; "
+              "cache %s, peak memory %s\n",
+              total / f.generate * 1e6, Median(times) * 1e6, bytes / total * 1e-9, info.threads,
+              info.simd_target.c_str(), HumanBytes(static_cast<double>(cache.BytesAllocated())).c_str(),
+              HumanBytes(static_cast<double>(PeakRssBytes())).c_str());
+  return 0;
+}
+
+int RunDecodeBench(const DecodeFlags& f, int64_t cache_len) {
+  DecodeFlags g = f;
+  g.prompt = cache_len;
+  g.generate = 1;
+  CheckFlags(g);
+  if (cache_len < 1) throw Error("--cache-len: expected >= 1");
+  KvCache cache(MakeConfig(g, cache_len));
+  const int64_t seq = cache.AddSequence();
+  std::mt19937_64 rng(1);
+  AppendRandom(cache, seq, cache_len, g, rng);
+  const std::vector<float> q = Random(g.heads * g.head_dim, rng);
+  std::vector<float> out(q.size());
+  DecodeInfo info = Step(cache, seq, g, q, out);  // warm-up
+  std::vector<double> times;
+  for (int r = 0; r < g.repeat; ++r) {
+    const double t0 = Now();
+    info = Step(cache, seq, g, q, out);
+    times.push_back(Now() - t0);
+  }
+  const double median = Median(times);
+  const nlohmann::json j = {
+      {"mode", "decode"}, {"cache_len", cache_len}, {"cache", g.cache},
+      {"cache_dtype", g.cache_dtype}, {"num_q_heads", g.heads}, {"num_kv_heads", g.kv_heads},
+      {"head_dim", g.head_dim}, {"repeat", g.repeat}, {"median_s", median},
+      {"min_s", *std::min_element(times.begin(), times.end())},
+      {"max_s", *std::max_element(times.begin(), times.end())},
+      {"bytes_per_token", info.kv_bytes_read}, {"gbps", info.kv_bytes_read / median * 1e-9},
+      {"splits", info.splits}, {"threads", info.threads}, {"simd_target", info.simd_target},
+      {"peak_rss_bytes", PeakRssBytes()}};
+  if (g.json) {
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("decode step over %lld cached tokens (%s): median %.1f us, %lld bytes read, "
+                "%.2f GB/s, %lld splits, %d threads, %s\n",
+                (long long)cache_len, g.cache_dtype.c_str(), median * 1e6,
+                (long long)info.kv_bytes_read, info.kv_bytes_read / median * 1e-9,
+                (long long)info.splits, info.threads, info.simd_target.c_str());
+  }
+  return 0;
+}
+
+void AddCacheFlags(CLI::App* cmd, DecodeFlags& f) {
+  cmd->add_option("--cache", f.cache, "Cache kind")
+      ->check(CLI::IsMember({"contiguous", "sliding", "sinks", "paged"}))
+      ->capture_default_str();
+  cmd->add_option("--cache-dtype", f.cache_dtype, "Cache storage dtype")
+      ->check(CLI::IsMember({"f32", "f16", "bf16", "i8"}))
+      ->capture_default_str();
+  cmd->add_option("--heads", f.heads, "Query heads")->capture_default_str();
+  cmd->add_option("--kv-heads", f.kv_heads, "KV heads (dividing --heads)")->capture_default_str();
+  cmd->add_option("--head-dim", f.head_dim, "Head dim")->capture_default_str();
+  cmd->add_option("--window", f.window, "sliding / sinks: recent tokens kept")->capture_default_str();
+  cmd->add_option("--sinks", f.sinks, "sinks: first tokens kept")->capture_default_str();
+  cmd->add_option("--block-size", f.block_size, "paged: tokens per block")->capture_default_str();
+  cmd->add_option("--threads", f.threads, "Threads (0 = all cores)")->capture_default_str();
+}
+
+}  // namespace
+
+Runner AddDecodeCommand(CLI::App& app) {
+  auto flags = std::make_shared<DecodeFlags>();
+  DecodeFlags& f = *flags;
+  CLI::App* cmd = app.add_subcommand(
+      "decode", "Generation-shaped decode workload on random data: time per token, bandwidth");
+  cmd->add_option("--prompt", f.prompt, "Prompt tokens appended first")->capture_default_str();
+  cmd->add_option("--generate", f.generate, "Tokens generated one at a time")->capture_default_str();
+  AddCacheFlags(cmd, f);
+  return [flags] { return RunDecode(*flags); };
+}
+
+int RunDecodeBenchmark(const DecodeBenchArgs& a) {
+  DecodeFlags f;
+  f.heads = a.heads;
+  f.kv_heads = a.kv_heads;
+  f.head_dim = a.head_dim;
+  f.cache_dtype = a.cache_dtype;
+  f.threads = a.threads;
+  f.repeat = a.repeat;
+  f.json = a.json;
+  return RunDecodeBench(f, a.cache_len);
+}
+
+}  // namespace qkv::cli
