@@ -79,6 +79,18 @@ def qkv_bench(build, n, d, heads, causal, threads, repeat, kernel="auto"):
     return json.loads(subprocess.check_output(cmd)), " ".join(cmd[1:])
 
 
+def decode_rows(build, threads, lengths, repeat):
+    """qkv bench --decode rows: B=1, 32 query heads, 8 KV heads, head_dim 128."""
+    rows = []
+    for n in lengths:
+        for dtype in ("f32", "i8"):
+            cmd = [os.path.join(build, "qkv"), "bench", "--decode", "--cache-len", str(n),
+                   "--cache-dtype", dtype, "--threads", str(threads), "--repeat", str(repeat),
+                   "--json"]
+            rows.append(json.loads(subprocess.check_output(cmd)))
+    return rows
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -100,6 +112,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--torch-max-n", type=int, default=4096,
                     help="largest N for PyTorch's math path (its score matrix is H*N^2*4 bytes, twice)")
+    ap.add_argument("--decode-lengths", default="1024,4096,16384,65536,131072",
+                    help="cache lengths for the decode table (empty: no decode table)")
+    ap.add_argument("--prefill", default="yes", help="no: skip the prefill table")
     ap.add_argument("--write", default="", help="replace the table between the markers in this file")
     a = ap.parse_args()
     lines = []
@@ -108,6 +123,8 @@ def main():
         f"command: `/usr/bin/python3 bench/compare.py {' '.join(sys.argv[1:])}`")
     out("")
     for t in [int(x) for x in a.threads.split(",")]:
+        if a.prefill != "yes":
+            break
         r = roofline(a.build, t)
         out(f"**{t} thread(s)**: FMA peak {r['fma_peak_gflops']:.1f} GFLOP/s ({r['fma_isa']}); "
             f"OpenBLAS SGEMM {r['sgemm_gflops']:.1f} GFLOP/s (kernel {r['openblas_core']}"
@@ -134,6 +151,28 @@ def main():
                         f"{100 * q['gflops'] / r['sgemm_gflops']:.0f}% | {torch_cell} | {tg_cell} | "
                         f"{ratio} | {q['peak_rss_bytes'] / 2**20:.0f} MiB |")
                     print(lines[-1], file=sys.stderr, flush=True)
+        out("")
+    if a.decode_lengths:
+        out("**Decode** (one step, B = 1, 32 query heads, 8 KV heads, head_dim 128, contiguous cache; "
+            "GB/s = K/V bytes read / median time; copy = memcpy read + write bytes / time):")
+        out("")
+        out("| threads | copy GB/s | cache tokens | f32 us/token | f32 GB/s | f32 % of copy "
+            "| i8 us/token | i8 GB/s | i8 speedup over f32 |")
+        out("|---|---|---|---|---|---|---|---|---|")
+        for t in [int(x) for x in a.threads.split(",")]:
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+            copy = json.loads(subprocess.check_output(
+                [os.path.join(a.build, "qkv_roofline"), "--threads", str(t), "--copy"],
+                env=env))["copy_gbps"]
+            rows = decode_rows(a.build, t, [int(x) for x in a.decode_lengths.split(",")],
+                               max(a.repeat, 5))
+            for f32, i8 in zip(rows[0::2], rows[1::2]):
+                out(f"| {t} | {copy:.1f} | {f32['cache_len']} | {f32['median_s'] * 1e6:.0f} | "
+                    f"{f32['gbps']:.1f} | {100 * f32['gbps'] / copy:.0f}% | "
+                    f"{i8['median_s'] * 1e6:.0f} | {i8['gbps']:.1f} | "
+                    f"{f32['median_s'] / i8['median_s']:.2f}x |")
+                print(lines[-1], file=sys.stderr, flush=True)
         out("")
     text = "\n".join(lines)
     print(text)
