@@ -11,57 +11,16 @@
 #include "qkv/error.h"
 #include "kernels/flash_attention.h"
 #include "reference/reference_attention.h"
+#include "validate.h"
 
 namespace qkv {
 namespace {
 
+using internal::CheckShape;
+using internal::CheckTensor;
+using internal::IsFloat;
 using internal::Problem;
-
-// More threads than this is a typo, not a machine: each thread also holds a
-// [kRefRows, seq_kv] score block, so the count bounds memory too.
-constexpr int kMaxThreads = 1024;
-// Every dim fits int32, as in FlashAttention: zero-sized tensors cost no
-// memory, so without this a 200-byte .npy could ask for 2^40 keys of
-// head_dim 0 and hours of work.
-constexpr int64_t kMaxDim = (int64_t{1} << 31) - 1;
-
-std::string S(int64_t v) { return std::to_string(v); }
-
-bool IsFloat(DType d) {
-  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kFloat64;
-}
-
-void CheckTensor(const char* name, const Shape4& shape, const Shape4& strides, bool present,
-                 DType dtype, bool output) {
-  const bool empty = shape[0] == 0 || shape[1] == 0 || shape[2] == 0 || shape[3] == 0;
-  if (!present && !empty) throw Error(std::string(name) + ": missing (expected a tensor)");
-  if (!IsFloat(dtype)) {
-    throw Error(std::string(name) + ": dtype " + DTypeName(dtype) +
-                " is not supported (expected float32, float16 or float64)");
-  }
-  for (int d = 0; d < 4; ++d) {
-    if (shape[d] > kMaxDim) {
-      throw Error(std::string(name) + ": dimension " + S(shape[d]) + " in shape " +
-                  ShapeString(shape) + " is too large (expected at most 2^31 - 1)");
-    }
-    if (shape[d] < 0) {
-      throw Error(std::string(name) + ": negative dimension in shape " + ShapeString(shape) +
-                  " (expected sizes >= 0)");
-    }
-    if (output && !empty && shape[d] > 1 && strides[d] == 0) {
-      throw Error(std::string(name) + ": stride 0 on dimension " + S(d) +
-                  " of an output (expected distinct elements)");
-    }
-  }
-}
-
-void CheckShape(const char* name, const Shape4& got, const Shape4& expected,
-                const char* names) {
-  if (got != expected) {
-    throw Error(std::string(name) + ": shape " + ShapeString(got) + " (expected " +
-                ShapeString(expected) + " = " + names + ")");
-  }
-}
+using internal::S;
 
 Problem Validate(const AttentionParams& p) {
   CheckTensor("q", p.q.shape, p.q.strides, p.q.present(), p.q.dtype, false);
@@ -142,10 +101,7 @@ Problem Validate(const AttentionParams& p) {
   if (!std::isfinite(pr.scale)) {
     throw Error("scale: " + std::to_string(pr.scale) + " (expected a finite number)");
   }
-  if (p.num_threads < 0 || p.num_threads > kMaxThreads) {
-    throw Error("num_threads: " + S(p.num_threads) + " (expected 0 to " + S(kMaxThreads) +
-                "; 0 = all cores)");
-  }
+  internal::CheckThreads(p.num_threads);
   pr.threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
   return pr;
 }

@@ -13,13 +13,18 @@
 #include <vector>
 
 #include "kernels/decode_attention.h"
+#include "validate.h"
 #include "qkv/attention.h"
 #include "qkv/error.h"
 
 namespace qkv {
 namespace {
 
+using internal::CheckShape;
+using internal::CheckTensor;
 using internal::DecodePlan;
+using internal::kMaxDim;
+using internal::S;
 
 // Default split: 512 cached tokens. Measured (B = 1, 32 q heads, 8 KV heads,
 // head_dim 128, token-major cache, 1 thread, ms per step):
@@ -32,46 +37,11 @@ using internal::DecodePlan;
 // items (16K / 512 x 8 heads = 256) and cost partials memory, q's size per
 // split. 512 sits in the middle for both dtypes.
 constexpr int64_t kDefaultSplitTokens = 512;
-constexpr int kMaxThreads = 1024;
-constexpr int64_t kMaxDim = (int64_t{1} << 31) - 1;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-std::string S(int64_t v) { return std::to_string(v); }
-
-bool IsFloat(DType d) {
-  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kFloat64;
-}
 
 bool IsCacheDType(DType d) {
   return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16 ||
          d == DType::kInt8;
-}
-
-void CheckTensor(const char* name, const Shape4& shape, const Shape4& strides, bool present,
-                 DType dtype, bool output) {
-  const bool empty = shape[0] == 0 || shape[1] == 0 || shape[2] == 0 || shape[3] == 0;
-  if (!present && !empty) throw Error(std::string(name) + ": missing (expected a tensor)");
-  if (!IsFloat(dtype)) {
-    throw Error(std::string(name) + ": dtype " + DTypeName(dtype) +
-                " is not supported (expected float32, float16 or float64)");
-  }
-  for (int d = 0; d < 4; ++d) {
-    if (shape[d] < 0 || shape[d] > kMaxDim) {
-      throw Error(std::string(name) + ": dimension " + S(shape[d]) + " in shape " +
-                  ShapeString(shape) + " (expected 0 to 2^31 - 1)");
-    }
-    if (output && !empty && shape[d] > 1 && strides[d] == 0) {
-      throw Error(std::string(name) + ": stride 0 on dimension " + S(d) +
-                  " of an output (expected distinct elements)");
-    }
-  }
-}
-
-void CheckShape(const char* name, const Shape4& got, const Shape4& expected, const char* names) {
-  if (got != expected) {
-    throw Error(std::string(name) + ": shape " + ShapeString(got) + " (expected " +
-                ShapeString(expected) + " = " + names + ")");
-  }
 }
 
 // Checks view b against q and against sequences[0]; returns its kept tokens.
@@ -170,10 +140,7 @@ DecodePlan Validate(const DecodeParams& p) {
   if (!std::isfinite(plan.scale)) {
     throw Error("scale: " + std::to_string(plan.scale) + " (expected a finite number)");
   }
-  if (p.num_threads < 0 || p.num_threads > kMaxThreads) {
-    throw Error("num_threads: " + S(p.num_threads) + " (expected 0 to " + S(kMaxThreads) +
-                "; 0 = all cores)");
-  }
+  internal::CheckThreads(p.num_threads);
   plan.threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
 
   // Work items (b, g, split) and partial slots (b, h, i, split).

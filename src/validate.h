@@ -1,0 +1,39 @@
+// Internal: argument checks shared by the public entry points (attention.cc,
+// decode.cc). Each throws qkv::Error "<name>: <problem> (expected ...)".
+#ifndef QKV_SRC_VALIDATE_H_
+#define QKV_SRC_VALIDATE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "qkv/tensor.h"
+
+namespace qkv::internal {
+
+// More threads than this is a typo, not a machine: each thread also holds
+// its own scratch, so the count bounds memory too.
+inline constexpr int kMaxThreads = 1024;
+// Every dim fits int32, as in FlashAttention: zero-sized tensors cost no
+// memory, so without this a 200-byte .npy could ask for 2^40 keys of
+// head_dim 0 and hours of work.
+inline constexpr int64_t kMaxDim = (int64_t{1} << 31) - 1;
+
+inline std::string S(int64_t v) { return std::to_string(v); }
+
+// True for float32, float16 and float64.
+bool IsFloat(DType d);
+
+// Checks a query/key/value/output view: present unless empty, a float dtype,
+// dims in [0, kMaxDim], and (outputs) no stride 0 on a dim of size > 1.
+void CheckTensor(const char* name, const Shape4& shape, const Shape4& strides, bool present,
+                 DType dtype, bool output);
+
+// Checks that `got` equals `expected`; `names` spells the expected dims.
+void CheckShape(const char* name, const Shape4& got, const Shape4& expected, const char* names);
+
+// Checks 0 <= num_threads <= kMaxThreads.
+void CheckThreads(int num_threads);
+
+}  // namespace qkv::internal
+
+#endif  // QKV_SRC_VALIDATE_H_
