@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "file_test_util.h"
 #include "qkv/error.h"
 
 namespace qkv {
@@ -20,36 +21,14 @@ namespace {
 
 namespace fs = std::filesystem;
 
-using Bytes = std::vector<unsigned char>;
+using test::Bytes;
 
 const std::string kFixtureDir = QKV_TESTDATA_DIR "/npy/";
 constexpr DType kAllDTypes[] = {DType::kFloat32, DType::kFloat16, DType::kFloat64,
                                 DType::kBool,    DType::kInt32,   DType::kInt64};
 
-// Returns a fresh directory for this test's files, removed by ~TempDir.
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::path(::testing::TempDir()) /
-            ("qkv_npy_" + std::string(info->name()) + "_" + std::to_string(getpid()));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  std::string File(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
-
-Bytes ReadFileBytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return Bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
+using test::ReadFileBytes;
+using test::TempDir;
 
 // Builds .npy bytes: preamble of the given version, `dict` + '\n' as the
 // header, then `data_bytes` zero bytes.
@@ -106,7 +85,7 @@ TEST(NpyTest, ShapeString) {
 }
 
 TEST(NpyTest, RoundTripsEveryDTypeAndRank) {
-  TempDir dir;
+  TempDir dir("qkv_npy_");
   const std::vector<std::vector<int64_t>> shapes = {{}, {5}, {2, 3}, {2, 1, 3, 2}, {0, 3}};
   for (DType dtype : kAllDTypes) {
     for (const auto& shape : shapes) {
@@ -184,7 +163,7 @@ TEST(NpyTest, ReadsNumPyFixtures) {
 
 // WriteNpy output is byte-identical to np.save for the same array.
 TEST(NpyTest, WritesTheBytesNumPyWrites) {
-  TempDir dir;
+  TempDir dir("qkv_npy_");
   for (const char* name :
        {"f32_2x3.npy", "f16_4.npy", "bool_2x2.npy", "i64_3.npy", "i32_0d.npy", "f32_0x3.npy"}) {
     SCOPED_TRACE(name);
@@ -203,7 +182,7 @@ TEST(NpyTest, RefusesFortranOrderAndBigEndianFixtures) {
 }
 
 TEST(NpyTest, ReadRefusesMissingFileAndDirectory) {
-  TempDir dir;
+  TempDir dir("qkv_npy_");
   const std::string missing = dir.File("missing.npy");
   ExpectError([&] { ReadNpy(missing); }, missing + ": cannot open", "No such file");
   const std::string sub = dir.File("sub.npy");
@@ -212,7 +191,7 @@ TEST(NpyTest, ReadRefusesMissingFileAndDirectory) {
 }
 
 TEST(NpyTest, ReadRefusesTruncatedAndPaddedFiles) {
-  TempDir dir;
+  TempDir dir("qkv_npy_");
   const std::string path = dir.File("a.npy");
   const std::vector<int64_t> shape = {2, 3};
   const std::vector<float> data(6, 1.0f);
@@ -363,7 +342,7 @@ TEST(NpyTest, RefusesHugeShapesWithoutAllocating) {
 }
 
 TEST(NpyTest, WriteToMissingDirectoryThrowsAndLeavesNoFile) {
-  TempDir dir;
+  TempDir dir("qkv_npy_");
   const std::string path = dir.File("no_such_dir/a.npy");
   const float data[2] = {1.0f, 2.0f};
   const std::vector<int64_t> shape = {2};
@@ -372,7 +351,7 @@ TEST(NpyTest, WriteToMissingDirectoryThrowsAndLeavesNoFile) {
 }
 
 TEST(NpyTest, WriteRefusesBadShapes) {
-  TempDir dir;
+  TempDir dir("qkv_npy_");
   const std::string path = dir.File("a.npy");
   const float data[2] = {1.0f, 2.0f};
   const std::vector<int64_t> negative = {2, -1};

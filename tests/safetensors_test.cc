@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "file_test_util.h"
 #include "qkv/error.h"
 #include "qkv/tensor.h"
 
@@ -27,35 +28,13 @@ namespace {
 
 namespace fs = std::filesystem;
 
-using Bytes = std::vector<unsigned char>;
+using test::Bytes;
 using Shape = std::vector<int64_t>;
 
 const std::string kFixture = QKV_TESTDATA_DIR "/safetensors/python_mixed.safetensors";
 
-// Returns a fresh directory for this test's files, removed by ~TempDir.
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::path(::testing::TempDir()) /
-            ("qkv_st_" + std::string(info->name()) + "_" + std::to_string(getpid()));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  std::string File(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
-
-Bytes ReadFileBytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return Bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
+using test::ReadFileBytes;
+using test::TempDir;
 
 void WriteFileBytes(const std::string& path, const Bytes& bytes) {
   std::ofstream out(path, std::ios::binary);
@@ -124,7 +103,7 @@ int64_t Numel(const Shape& shape) {
 }
 
 TEST(SafetensorsTest, RoundTripsEveryDTypeAndRank) {
-  TempDir dir;
+  TempDir dir("qkv_st_");
   const std::vector<Shape> shapes = {{}, {5}, {2, 3}, {2, 1, 3}, {0}, {2, 0, 3}};
   // Values k/64 with |k| < 256 have at most 8 significant bits, so they are
   // exact in bfloat16 and float16 too and the round trip is compared with ==.
@@ -160,7 +139,7 @@ TEST(SafetensorsTest, RoundTripsEveryDTypeAndRank) {
 
 // F16 and BF16 round to nearest even on write, exactly as tensor.h converts.
 TEST(SafetensorsTest, WritesRoundedHalfAndBFloat16) {
-  TempDir dir;
+  TempDir dir("qkv_st_");
   const std::vector<float> v = {1.0f / 3, -1e-6f, 70000.0f, 3.14159f};
   const SafetensorsEntry entries[] = {{"h", {4}, v, "F16"}, {"b", {4}, v, "BF16"}};
   WriteSafetensors(dir.File("r.safetensors"), entries);
@@ -177,7 +156,7 @@ TEST(SafetensorsTest, WritesRoundedHalfAndBFloat16) {
 // The layout the reference writer produces: metadata first, header padded
 // with spaces to a multiple of 8, data contiguous in the given order.
 TEST(SafetensorsTest, WritesThePaddedReferenceLayout) {
-  TempDir dir;
+  TempDir dir("qkv_st_");
   const std::vector<float> a = {1, 2, 3}, b = {4};
   const SafetensorsEntry entries[] = {{"zeta", {3}, a, "F32"}, {"alpha", {1}, b, "F16"}};
   const std::string path = dir.File("l.safetensors");
@@ -501,7 +480,7 @@ TEST(SafetensorsTest, MutatedFilesParseOrThrowOnlyQkvError) {
 }
 
 TEST(SafetensorsTest, ReadRefusesWhatIsNotARegularFile) {
-  TempDir dir;
+  TempDir dir("qkv_st_");
   ExpectError([&] { SafetensorsFile::Read(dir.File("missing.safetensors")); },
               "missing.safetensors: cannot open: ", "(expected an existing readable");
   ExpectError([&] { SafetensorsFile::Read(dir.File("")); }, ": is a directory",
@@ -519,7 +498,7 @@ TEST(SafetensorsTest, ReadRefusesWhatIsNotARegularFile) {
 }
 
 TEST(SafetensorsTest, WriteRefusesBadEntries) {
-  TempDir dir;
+  TempDir dir("qkv_st_");
   const std::string path = dir.File("w.safetensors");
   const std::vector<float> six(6, 1.0f);
   auto write = [&](SafetensorsEntry e) {
@@ -540,7 +519,7 @@ TEST(SafetensorsTest, WriteRefusesBadEntries) {
 }
 
 TEST(SafetensorsTest, WriteRemovesThePartialFileOnIoFailure) {
-  TempDir dir;
+  TempDir dir("qkv_st_");
   const std::vector<float> one = {1.0f};
   const SafetensorsEntry entry[] = {{"w", {1}, one, "F32"}};
   ExpectError([&] { WriteSafetensors(dir.File("no/such/dir.safetensors"), entry); },
