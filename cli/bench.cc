@@ -104,9 +104,8 @@ int RunBench(const BenchFlags& f) {
     info = Attention(p);
     times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  std::sort(times.begin(), times.end());
-  const double median = times.size() % 2 ? times[times.size() / 2]
-                                         : 0.5 * (times[times.size() / 2 - 1] + times[times.size() / 2]);
+  const double median = Median(times);
+  std::sort(times.begin(), times.end());  // for min_s / max_s below
   const double flops = 2.0 * (dim + dim) * heads * CountAllowedPairs(p.mask, batch, seq_q, seq_kv);
   nlohmann::json j = {
       {"batch", batch}, {"num_q_heads", heads}, {"num_kv_heads", kv_heads},

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <set>
 
@@ -47,6 +48,12 @@ void CheckFitsInMemory(const std::string& what, double bytes) {
     throw Error(what + " would need " + HumanBytes(bytes) + " (expected at most 3/4 of this " +
                 "machine's " + HumanBytes(physical) + " of memory)");
   }
+}
+
+double Median(std::vector<double> times) {
+  std::sort(times.begin(), times.end());
+  const size_t n = times.size();
+  return n % 2 ? times[n / 2] : 0.5 * (times[n / 2 - 1] + times[n / 2]);
 }
 
 int64_t PeakRssBytes() {

@@ -20,6 +20,10 @@ std::vector<int64_t> ParseIntList(const std::string& text, size_t count, const c
 // this machine's physical memory: no request may allocate without bound.
 void CheckFitsInMemory(const std::string& what, double bytes);
 
+// Returns the median of `times` (the mean of the middle two for an even
+// count); `times` must not be empty.
+double Median(std::vector<double> times);
+
 // Returns this process's peak resident set size in bytes.
 int64_t PeakRssBytes();
 

@@ -117,11 +117,6 @@ double Now() {
       .count();
 }
 
-double Median(std::vector<double> t) {
-  std::sort(t.begin(), t.end());
-  return t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
-}
-
 int RunDecode(const DecodeFlags& f) {
   CheckFlags(f);
   KvCache cache(MakeConfig(f, f.prompt + f.generate));

@@ -25,9 +25,9 @@
 #include <tuple>
 #include <vector>
 
-#include "hwy/targets.h"
 #include "kernels/decode_attention.h"
 #include "qkv/error.h"
+#include "simd_test_util.h"
 #include "test_util.h"
 
 namespace qkv::test {
@@ -251,22 +251,11 @@ DecodeRun RunDecode(const Problem& p, int threads = 0, int64_t split_tokens = 0)
   return MatchesOracle(c, res, Oracle(c), kDecodeU);
 }
 
-// Calls fn() once per compiled SIMD target this CPU supports.
+// Calls fn() once per compiled SIMD target of the decode kernel.
 template <class Fn>
 void ForEachTarget(const Fn& fn) {
-  hwy::SetSupportedTargetsForTest(0);
-  const int64_t supported = hwy::SupportedTargets();
-  std::set<std::string> seen;
-  for (int64_t t : {int64_t{HWY_AVX3}, int64_t{HWY_AVX2}, int64_t{HWY_SSE4}, int64_t{HWY_EMU128},
-                    int64_t{HWY_SCALAR}}) {
-    if (!(supported & t) && t != HWY_SCALAR && t != HWY_EMU128) continue;
-    hwy::SetSupportedTargetsForTest(t);
-    const std::string name = internal::DecodeSimdTarget();
-    if (!seen.insert(name).second) continue;
-    SCOPED_TRACE("target " + name);
-    fn();
-  }
-  hwy::SetSupportedTargetsForTest(0);
+  ForEachSimdTarget([] { return std::string(internal::DecodeSimdTarget()); },
+                    [&](const std::string&) { fn(); });
 }
 
 // The whole problem against the oracle under every target.

@@ -13,6 +13,8 @@
 #include <system_error>
 #include <vector>
 
+#include "qkv/error.h"
+
 namespace qkv::test {
 
 using Bytes = std::vector<unsigned char>;
@@ -44,6 +46,20 @@ class TempDir {
 inline Bytes ReadFileBytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return Bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// Expects `call` to throw a one-line qkv::Error containing both fragments.
+template <class Call>
+void ExpectError(Call call, const std::string& fragment1, const std::string& fragment2) {
+  try {
+    call();
+    ADD_FAILURE() << "no error";
+  } catch (const qkv::Error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find(fragment1), std::string::npos) << message;
+    EXPECT_NE(message.find(fragment2), std::string::npos) << message;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+  }
 }
 
 }  // namespace qkv::test

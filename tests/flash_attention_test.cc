@@ -15,8 +15,8 @@
 #include <string>
 #include <vector>
 
-#include "hwy/targets.h"
 #include "qkv/tensor.h"
+#include "simd_test_util.h"
 #include "test_util.h"
 
 namespace qkv::test {
@@ -166,23 +166,10 @@ Result RunFlash(const Case& c, const Layout& lay = {}) {
   return r;
 }
 
-// Calls fn(target name) once per compiled SIMD target this CPU supports,
-// selected through Highway's test hook; restores the default afterwards.
+// Calls fn(target name) once per compiled SIMD target of the flash kernel.
 template <class Fn>
 void ForEachTarget(const Fn& fn) {
-  hwy::SetSupportedTargetsForTest(0);
-  const int64_t supported = hwy::SupportedTargets();
-  std::set<std::string> seen;
-  for (int64_t t : {int64_t{HWY_AVX3}, int64_t{HWY_AVX2}, int64_t{HWY_SSE4}, int64_t{HWY_EMU128},
-                    int64_t{HWY_SCALAR}}) {
-    if (!(supported & t) && t != HWY_SCALAR && t != HWY_EMU128) continue;
-    hwy::SetSupportedTargetsForTest(t);
-    const std::string name = internal::FlashSimdTarget();
-    if (!seen.insert(name).second) continue;
-    SCOPED_TRACE("target " + name);
-    fn(name);
-  }
-  hwy::SetSupportedTargetsForTest(0);
+  ForEachSimdTarget([] { return std::string(internal::FlashSimdTarget()); }, fn);
 }
 
 // The oracle once, then the kernel under every target.
@@ -238,7 +225,6 @@ TEST(FlashAttentionTest, HeadDimsBothCrossShapes) {
 // tiles and whole rows.
 void ApplyMask(Case& c, int kind, std::mt19937_64& rng) {
   const int64_t n = c.batch * c.num_q_heads * c.seq_q * c.seq_kv;
-  std::bernoulli_distribution coin(0.7);
   if (kind <= 9) {
     ApplyMaskKind(c, kind, rng, /*left_window=*/70);
     return;
@@ -247,8 +233,7 @@ void ApplyMask(Case& c, int kind, std::mt19937_64& rng) {
     case 10:  // bool: tile (ti, tj) empty when ti + tj is odd, rows 3 and 70 empty
     case 11: {  // the same as an additive -inf / random mask
       std::normal_distribution<double> normal(0.0, 1.0);
-      auto& target = kind == 10 ? c.bool_mask : c.bool_mask;
-      target.assign(n, 1);
+      c.bool_mask.assign(n, 1);
       if (kind == 11) c.add_mask.assign(n, 0.0);
       for (int64_t row = 0; row < c.batch * c.num_q_heads * c.seq_q; ++row) {
         const int64_t i = row % c.seq_q;

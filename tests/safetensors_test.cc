@@ -33,6 +33,7 @@ using Shape = std::vector<int64_t>;
 
 const std::string kFixture = QKV_TESTDATA_DIR "/safetensors/python_mixed.safetensors";
 
+using test::ExpectError;
 using test::ReadFileBytes;
 using test::TempDir;
 
@@ -80,20 +81,6 @@ void ExpectParseError(const Bytes& file, const std::string& fragment) {
 }
 void ExpectHeaderError(const std::string& json, size_t data_bytes, const std::string& fragment) {
   ExpectParseError(MakeFile(json, data_bytes), fragment);
-}
-
-// Expects `call` to throw a one-line qkv::Error containing both fragments.
-template <class Call>
-void ExpectError(Call call, const std::string& fragment1, const std::string& fragment2) {
-  try {
-    call();
-    ADD_FAILURE() << "no error";
-  } catch (const Error& e) {
-    const std::string message = e.what();
-    EXPECT_NE(message.find(fragment1), std::string::npos) << message;
-    EXPECT_NE(message.find(fragment2), std::string::npos) << message;
-    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
-  }
 }
 
 int64_t Numel(const Shape& shape) {
