@@ -88,6 +88,15 @@ int64_t CheckSequence(const KvSequenceView& view, int64_t b, const KvSequenceVie
         (chunk.k_scale == nullptr || chunk.v_scale == nullptr)) {
       throw Error(cname + ": k_scale or v_scale is null (expected int8 scales)");
     }
+    // Zero scale strides would silently read one scale for every token or
+    // head (the fields are new; a caller that forgot them gets an error).
+    if (chunk.count > 0 && view.dtype == DType::kInt8 &&
+        ((chunk.count > 1 && chunk.scale_token_stride == 0) ||
+         (view.num_kv_heads > 1 && chunk.scale_head_stride == 0))) {
+      throw Error(cname + ": scale_token_stride " + S(chunk.scale_token_stride) +
+                  ", scale_head_stride " + S(chunk.scale_head_stride) +
+                  " (expected non-zero int8 scale strides)");
+    }
     next_position = chunk.first_position + chunk.count;
     kept += chunk.count;
   }

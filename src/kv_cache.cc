@@ -1,12 +1,21 @@
 // Key/value caches: contiguous, sliding-window ring, attention sinks + ring,
 // and a paged block pool with reference-counted forks (qkv/kv_cache.h).
 //
-// Every kind stores a token as one "slot": K and V each hold
-//   [slot, kv_head, head_dim]  in the storage dtype
-// (token_stride = num_kv_heads * head_dim, head_stride = head_dim), and for
-// kInt8 the scales [slot, kv_head] in float32, K and V separately. A chunk of
-// a view is a run of consecutive slots holding consecutive positions, so the
-// decode kernel reads K/V in place.
+// Every kind stores a token in one "slot". Slots come in groups (a ring
+// kind's whole store is one group of s.slots slots; kPaged's groups are its
+// blocks of block_size slots), and within a group each kv head's rows are
+// contiguous: K and V each hold
+//   [group, kv_head, slot in group, head_dim]  in the storage dtype
+// (token_stride = head_dim, head_stride = group size * head_dim), and for
+// kInt8 the scales [group, kv_head, slot in group] in float32, K and V
+// separately. A chunk of a view is a run of consecutive slots of one group
+// holding consecutive positions, so the decode kernel reads K/V in place, one
+// contiguous run per kv head. Head-major rather than token-major
+// ([slot, kv_head, head_dim]): the decode kernel then streams each (head,
+// split) work item's K and V sequentially, which measured 1.2x (1 thread) to
+// 1.3x (2 threads) faster at 64K tokens (B = 1, 32/8 heads, head_dim 128),
+// since the token-major rows of one head sit 4 KiB apart, a new page per
+// row for the hardware prefetchers.
 //
 // Ring kinds (kContiguous, kSliding, kSinks) share one per-sequence store of
 // `num_sinks + window` slots at most; position p lives in slot
@@ -184,7 +193,6 @@ struct Sequence {
 
 struct KvCache::Impl {
   KvCacheConfig config;
-  int64_t token_elems = 0;  // num_kv_heads * head_dim
   int64_t elem_bytes = 0;
   bool int8 = false;
   // Ring kinds: sinks + ring slots (kContiguous: 0 + capacity).
@@ -214,6 +222,17 @@ struct KvCache::Impl {
     return seqs[seq];
   }
 
+  // Row index of (slot, kv head g) in a store whose groups hold
+  // `group_slots` slots: multiply by head_dim for the element index; it is
+  // the scale index as it is.
+  int64_t Row(int64_t slot, int64_t g, int64_t group_slots) const {
+    return ((slot / group_slots) * config.num_kv_heads + g) * group_slots + slot % group_slots;
+  }
+  // Slots per group of a sequence's store (ring kinds) or of the pool.
+  int64_t GroupSlots(const Sequence& s) const {
+    return config.kind == CacheKind::kPaged ? config.block_size : s.slots;
+  }
+
   int64_t SlotOf(int64_t position) const {
     return position < sinks ? position : sinks + (position - sinks) % ring;
   }
@@ -226,46 +245,61 @@ struct KvCache::Impl {
     Resize(s.store, s.slots, slots);
     s.slots = slots;
   }
-  // Reallocates `store` from `old_slots` to `slots`, keeping the first old_slots.
-  // A new vector of exact size, not resize(): resize may over-allocate, and
+  // Reallocates a ring store of one group from `old_slots` to `slots` slots,
+  // keeping the first old_slots of each kv head (which move: the head stride
+  // is the group size). kPaged's pool is allocated once, from 0 slots. A new
+  // vector of exact size, not resize(): resize may over-allocate, and
   // BytesAllocated reports what is really held.
   void Resize(Store& store, int64_t old_slots, int64_t slots) const {
-    auto grow = [](auto& vec, int64_t keep, int64_t size) {
-      std::remove_reference_t<decltype(vec)> grown(size);
-      std::copy(vec.begin(), vec.begin() + keep, grown.begin());
+    const int64_t heads = config.num_kv_heads;
+    auto grow = [&](auto& vec, int64_t unit) {  // unit: elements of vec per row
+      std::remove_reference_t<decltype(vec)> grown(slots * heads * unit);
+      for (int64_t g = 0; g < heads && old_slots > 0; ++g) {
+        std::copy_n(vec.begin() + g * old_slots * unit, old_slots * unit,
+                    grown.begin() + g * slots * unit);
+      }
       vec.swap(grown);
     };
-    grow(store.k, old_slots * token_elems * elem_bytes, slots * token_elems * elem_bytes);
-    grow(store.v, old_slots * token_elems * elem_bytes, slots * token_elems * elem_bytes);
+    grow(store.k, config.head_dim * elem_bytes);
+    grow(store.v, config.head_dim * elem_bytes);
     if (int8) {
-      grow(store.k_scale, old_slots * config.num_kv_heads, slots * config.num_kv_heads);
-      grow(store.v_scale, old_slots * config.num_kv_heads, slots * config.num_kv_heads);
+      grow(store.k_scale, 1);
+      grow(store.v_scale, 1);
     }
   }
 
-  // Copies slots [from, from + count) of `src` to slot `to` of `dst`.
-  void CopySlots(const Store& src, int64_t from, Store& dst, int64_t to, int64_t count) const {
-    const int64_t bytes = token_elems * elem_bytes, h = config.num_kv_heads;
-    std::copy_n(src.k.begin() + from * bytes, count * bytes, dst.k.begin() + to * bytes);
-    std::copy_n(src.v.begin() + from * bytes, count * bytes, dst.v.begin() + to * bytes);
-    if (int8) {
-      std::copy_n(src.k_scale.begin() + from * h, count * h, dst.k_scale.begin() + to * h);
-      std::copy_n(src.v_scale.begin() + from * h, count * h, dst.v_scale.begin() + to * h);
+  // Copies slots [from, from + count) to slot `to` of the same store, every
+  // kv head; both runs lie inside groups of `group_slots` slots.
+  void CopySlots(Store& store, int64_t from, int64_t to, int64_t count, int64_t group_slots) const {
+    const int64_t row_bytes = config.head_dim * elem_bytes;
+    for (int64_t g = 0; g < config.num_kv_heads; ++g) {
+      const int64_t src = Row(from, g, group_slots), dst = Row(to, g, group_slots);
+      std::copy_n(store.k.begin() + src * row_bytes, count * row_bytes, store.k.begin() + dst * row_bytes);
+      std::copy_n(store.v.begin() + src * row_bytes, count * row_bytes, store.v.begin() + dst * row_bytes);
+      if (int8) {
+        std::copy_n(store.k_scale.begin() + src, count, store.k_scale.begin() + dst);
+        std::copy_n(store.v_scale.begin() + src, count, store.v_scale.begin() + dst);
+      }
     }
   }
 
-  KvChunk Chunk(const Store& store, int64_t slot, int64_t count, int64_t first_position) const {
+  // A chunk of `count` slots from `slot`, all inside one group.
+  KvChunk Chunk(const Store& store, int64_t slot, int64_t count, int64_t first_position,
+                int64_t group_slots) const {
+    const int64_t row = Row(slot, 0, group_slots);  // kv head 0's row
     KvChunk c;
-    c.k = store.k.data() + slot * token_elems * elem_bytes;
-    c.v = store.v.data() + slot * token_elems * elem_bytes;
+    c.k = store.k.data() + row * config.head_dim * elem_bytes;
+    c.v = store.v.data() + row * config.head_dim * elem_bytes;
     if (int8) {
-      c.k_scale = store.k_scale.data() + slot * config.num_kv_heads;
-      c.v_scale = store.v_scale.data() + slot * config.num_kv_heads;
+      c.k_scale = store.k_scale.data() + row;
+      c.v_scale = store.v_scale.data() + row;
+      c.scale_token_stride = 1;
+      c.scale_head_stride = group_slots;
     }
     c.count = count;
     c.first_position = first_position;
-    c.token_stride = token_elems;
-    c.head_stride = config.head_dim;
+    c.token_stride = config.head_dim;
+    c.head_stride = group_slots * config.head_dim;
     return c;
   }
 
@@ -306,7 +340,6 @@ KvCache::KvCache(const KvCacheConfig& config) : impl_(std::make_unique<Impl>()) 
   }
   Impl& m = *impl_;
   m.config = c;
-  m.token_elems = c.num_kv_heads * c.head_dim;
   m.elem_bytes = static_cast<int64_t>(DTypeSize(c.dtype));
   m.int8 = c.dtype == DType::kInt8;
   // Ring bounds, kept as int64 products of int32 fields: no overflow.
@@ -451,7 +484,7 @@ void KvCache::Append(int64_t seq, const TensorView& k, const TensorView& v) {
     if (cow) {
       // The shared block's other holders keep the original.
       const int32_t old = s.blocks.back(), copy = m.PopBlock();
-      m.CopySlots(m.pool, old * bs, m.pool, copy * bs, first % bs);
+      m.CopySlots(m.pool, old * bs, copy * bs, first % bs, bs);
       m.ReleaseBlock(old);
       s.blocks.back() = copy;
     }
@@ -462,6 +495,7 @@ void KvCache::Append(int64_t seq, const TensorView& k, const TensorView& v) {
   // append evicts again (positions in the ring part below last - ring), so an
   // n-token prefill into a window-W ring writes at most sinks + W tokens.
   Store& store = c.kind == CacheKind::kPaged ? m.pool : s.store;
+  const int64_t group_slots = m.GroupSlots(s);
   const bool round_to_odd = c.dtype == DType::kFloat16 || c.dtype == DType::kBFloat16;
   std::vector<float> row(c.head_dim);
   for (int64_t t = 0; t < n; ++t) {
@@ -474,8 +508,8 @@ void KvCache::Append(int64_t seq, const TensorView& k, const TensorView& v) {
       slot = m.SlotOf(p);
     }
     for (int64_t g = 0; g < c.num_kv_heads; ++g) {
-      const int64_t e = slot * m.token_elems + g * c.head_dim;  // element index
-      const int64_t h = slot * c.num_kv_heads + g;             // scale index
+      const int64_t h = m.Row(slot, g, group_slots);  // scale index
+      const int64_t e = h * c.head_dim;               // element index
       LoadRow(k, t, g, c.head_dim, round_to_odd, row.data());
       StoreRow(c.dtype, row.data(), c.head_dim, store.k.data() + e * m.elem_bytes,
                m.int8 ? store.k_scale.data() + h : nullptr);
@@ -514,20 +548,22 @@ KvSequenceView KvCache::View(int64_t seq) const {
   if (c.kind == CacheKind::kPaged) {
     for (size_t i = 0; i < s.blocks.size(); ++i) {
       const int64_t p0 = static_cast<int64_t>(i) * c.block_size;
-      view.chunks.push_back(
-          m.Chunk(m.pool, s.blocks[i] * c.block_size, std::min(c.block_size, L - p0), p0));
+      view.chunks.push_back(m.Chunk(m.pool, s.blocks[i] * c.block_size,
+                                    std::min(c.block_size, L - p0), p0, c.block_size));
     }
     return view;
   }
   const int64_t num_sinks = std::min(L, m.sinks);
-  if (num_sinks > 0) view.chunks.push_back(m.Chunk(s.store, 0, num_sinks, 0));
+  if (num_sinks > 0) view.chunks.push_back(m.Chunk(s.store, 0, num_sinks, 0, s.slots));
   if (L <= m.sinks) return view;
   const int64_t start = std::max(m.sinks, L - m.ring);  // oldest kept ring position
   const int64_t count = L - start;
   const int64_t slot = m.SlotOf(start);
   const int64_t head = std::min(count, m.sinks + m.ring - slot);  // up to the ring's end
-  view.chunks.push_back(m.Chunk(s.store, slot, head, start));
-  if (count > head) view.chunks.push_back(m.Chunk(s.store, m.sinks, count - head, start + head));
+  view.chunks.push_back(m.Chunk(s.store, slot, head, start, s.slots));
+  if (count > head) {
+    view.chunks.push_back(m.Chunk(s.store, m.sinks, count - head, start + head, s.slots));
+  }
   return view;
 }
 

@@ -173,7 +173,10 @@ SeqCache BuildCache(std::vector<double>& k, std::vector<double>& v, int64_t kv_h
         }
     KvChunk c;
     c.k = cache.k.back().data(), c.v = cache.v.back().data();
-    if (st.dtype == DType::kInt8) c.k_scale = cache.k_scale.back().data(), c.v_scale = cache.v_scale.back().data();
+    if (st.dtype == DType::kInt8) {
+      c.k_scale = cache.k_scale.back().data(), c.v_scale = cache.v_scale.back().data();
+      c.scale_token_stride = kv_heads, c.scale_head_stride = 1;  // quantised in (t, g) order
+    }
     c.count = count, c.first_position = first;
     c.token_stride = token_stride, c.head_stride = head_stride;
     cache.view.chunks.push_back(c);
@@ -623,6 +626,12 @@ TEST(DecodeTest, ValidationNamesTheArgument) {
     bad = views, bad[0].dtype = bad[1].dtype = DType::kInt8;
     d.sequences = bad;
     expect_error(d, "sequences[0].chunks[0]: k_scale or v_scale is null");
+    // Scales present but their strides left 0: one scale would serve all.
+    std::vector<float> scales(64, 1.0f);
+    for (KvSequenceView& view : bad)
+      for (KvChunk& chunk : view.chunks) chunk.k_scale = chunk.v_scale = scales.data();
+    d.sequences = bad;
+    expect_error(d, "sequences[0].chunks[0]: scale_token_stride 0, scale_head_stride 0");
   }
 }
 

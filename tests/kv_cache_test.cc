@@ -111,8 +111,13 @@ struct Readback {
     if (c.count <= 0) return ::testing::AssertionFailure() << "empty chunk";
     if (next >= 0 && c.first_position < next)
       return ::testing::AssertionFailure() << "chunks out of order at " << c.first_position;
-    if (c.token_stride != view.num_kv_heads * view.head_dim || c.head_stride != view.head_dim)
+    // Head-major: each kv head's rows of a chunk are contiguous.
+    if (c.token_stride != view.head_dim || c.head_stride < c.count * view.head_dim)
       return ::testing::AssertionFailure() << "strides " << c.token_stride << "," << c.head_stride;
+    if (view.dtype == DType::kInt8 &&
+        (c.scale_token_stride != 1 || c.scale_head_stride * view.head_dim != c.head_stride))
+      return ::testing::AssertionFailure()
+             << "scale strides " << c.scale_token_stride << "," << c.scale_head_stride;
     if ((view.dtype == DType::kInt8) != (c.k_scale != nullptr && c.v_scale != nullptr))
       return ::testing::AssertionFailure() << "scales present iff int8";
     for (int64_t t = 0; t < c.count; ++t) {
@@ -127,7 +132,8 @@ struct Readback {
           for (int64_t d = 0; d < view.head_dim; ++d)
             row[g * view.head_dim + d] =
                 ReadElement(view.dtype, src, t * c.token_stride + g * c.head_stride + d,
-                            scales ? scales + t * view.num_kv_heads + g : nullptr);
+                            scales ? scales + t * c.scale_token_stride + g * c.scale_head_stride
+                                   : nullptr);
       }
     }
     next = c.first_position + c.count;
@@ -284,13 +290,13 @@ TEST(KvCacheTest, Int8QuantisationErrorIsAtMostHalfAScale) {
   const KvSequenceView view = cache.View(seq);
   ASSERT_EQ(view.chunks.size(), 1u);
   const KvChunk& ch = view.chunks[0];
-  EXPECT_EQ(ch.k_scale[1], 0.0f);
+  EXPECT_EQ(ch.k_scale[ch.scale_head_stride], 0.0f);  // token 0, head 1
   int64_t bad = 0;
   for (int64_t n = 0; n < 50; ++n)
     for (int64_t g = 0; g < 3; ++g) {
       for (auto [x, q, scale] : {std::tuple{&t.k, static_cast<const int8_t*>(ch.k), ch.k_scale},
                                  std::tuple{&t.v, static_cast<const int8_t*>(ch.v), ch.v_scale}}) {
-        const float s = scale[n * 3 + g];
+        const float s = scale[n * ch.scale_token_stride + g * ch.scale_head_stride];
         const float* row = x->data() + (n * 3 + g) * 67;
         std::vector<int8_t> want_q;
         float want_s;

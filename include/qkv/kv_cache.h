@@ -55,11 +55,13 @@ struct KvCacheConfig {
   int64_t num_blocks = 0;     // kPaged: blocks in the pool
 };
 
-// A run of `count` cached tokens stored contiguously. Token t of the chunk
-// has absolute position first_position + t. Element d of kv head g of token
-// t is at index t * token_stride + g * head_stride + d of k (and v), in
-// `dtype` elements. For kInt8, k_scale[t * num_kv_heads + g] (and v_scale)
-// is its scale: value = int8 * scale.
+// A run of `count` cached tokens with consecutive positions. Token t of the
+// chunk has absolute position first_position + t. Element d of kv head g of
+// token t is at index t * token_stride + g * head_stride + d of k (and v),
+// in `dtype` elements. For kInt8, k_scale[t * scale_token_stride + g *
+// scale_head_stride] (and v_scale) is its scale: value = int8 * scale.
+// KvCache stores each kv head's rows contiguously (token_stride = head_dim):
+// the decode kernel then streams one run of memory per (head, split).
 struct KvChunk {
   const void* k = nullptr;
   const void* v = nullptr;
@@ -69,6 +71,8 @@ struct KvChunk {
   int64_t first_position = 0;
   int64_t token_stride = 0;
   int64_t head_stride = 0;
+  int64_t scale_token_stride = 0;  // kInt8 only
+  int64_t scale_head_stride = 0;   // kInt8 only
 };
 
 // The cached tokens of one sequence: chunks in increasing position order.

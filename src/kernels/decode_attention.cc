@@ -90,6 +90,7 @@ struct DecodeTraits {
 #define HWY_TARGET_INCLUDE "kernels/decode_attention.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/aligned_allocator.h"
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "hwy/contrib/math/math-inl.h"
 
@@ -164,63 +165,276 @@ void ConvertRow(const void* base, DType dtype, int64_t offset, float scale, int6
   for (; x < dim_pad; ++x) dst[x] = 0.0f;
 }
 
-// Computes s_r[c] = q_r . K_c for kRows rows (q_r, s_r = q + r * q_stride,
-// s + r * kBc) and c in [c0, c1): K_c = k + c * k_stride, dim_pad floats (a
-// multiple of the lane count; q is aligned). Tiles of kRows x 4 keys: each
-// K load serves kRows rows and each q load 4 keys, and the 4 * kRows
-// independent FMA chains cover the FMA latency (4 cycles x 2 ports = 8).
-template <int kRows>
-void ScoreTile(const float* HWY_RESTRICT q, int64_t q_stride, const float* HWY_RESTRICT k,
-               int64_t k_stride, int64_t dim_pad, int64_t c0, int64_t c1, float* HWY_RESTRICT s) {
+// Loads nf elements of a cached row at `p` as float32 (int8 unscaled: its
+// scale is folded into the scores and weights by the callers).
+template <DType kDT>
+HWY_INLINE VF LoadRow(DF df, const void* HWY_RESTRICT base, int64_t offset) {
+  if constexpr (kDT == DType::kFloat32) {
+    return hn::LoadU(df, static_cast<const float*>(base) + offset);
+  } else if constexpr (kDT == DType::kFloat16) {
+    const hn::Rebind<hwy::float16_t, DF> dh;
+    return hn::PromoteTo(df, hn::LoadU(dh, static_cast<const hwy::float16_t*>(base) + offset));
+  } else if constexpr (kDT == DType::kBFloat16) {  // bf16 bits are the float's top half
+    const hn::RebindToUnsigned<DF> du;
+    const hn::Rebind<uint16_t, DF> du16;
+    const auto bits = hn::LoadU(du16, static_cast<const uint16_t*>(base) + offset);
+    return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, bits)));
+  } else {  // kInt8: int8 -> int32 -> float32 is exact
+    const DI di;
+    const hn::Rebind<int8_t, DF> d8;
+    return hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, static_cast<const int8_t*>(base) + offset)));
+  }
+}
+
+#if HWY_TARGET != HWY_SCALAR
+// Returns the 128-bit vector whose lane i is the sum of lane i of every
+// 128-bit block of v (one block: v itself).
+template <class D>
+HWY_INLINE hn::Vec<hn::Full128<float>> FoldBlocks(D d, hn::Vec<D> v) {
+  if constexpr (hn::MaxLanes(D()) > 4) {
+    const hn::Half<D> dh;
+    return FoldBlocks(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)));
+  } else {
+    (void)d;
+    return v;
+  }
+}
+
+// Returns (sum(a), sum(b), sum(c), sum(e)) in 4 lanes: a transpose-and-add
+// tree, 8 shuffles and 5 adds on AVX-512 instead of 4 SumOfLanes (each 4
+// shuffles, 4 adds and a broadcast). Every target but the scalar one has
+// >= 4 float lanes.
+HWY_INLINE hn::Vec<hn::Full128<float>> Sum4(DF df, VF a, VF b, VF c, VF e) {
+  const hn::Repartition<double, DF> dd;
+  // Per 128-bit block: (a0+a2, b0+b2, a1+a3, b1+b3), and the same for c, e.
+  const VF ab = hn::Add(hn::InterleaveLower(df, a, b), hn::InterleaveUpper(df, a, b));
+  const VF ce = hn::Add(hn::InterleaveLower(df, c, e), hn::InterleaveUpper(df, c, e));
+  // Per block: (a, b, c, e) partial sums.
+  const auto lo = hn::InterleaveLower(dd, hn::BitCast(dd, ab), hn::BitCast(dd, ce));
+  const auto hi = hn::InterleaveUpper(dd, hn::BitCast(dd, ab), hn::BitCast(dd, ce));
+  return FoldBlocks(df, hn::Add(hn::BitCast(df, lo), hn::BitCast(df, hi)));
+}
+#endif  // HWY_TARGET != HWY_SCALAR
+
+// Prefetches the K and V rows of the next block into L1 a few rows at a
+// time from inside the score loop, so the line fill buffers stay busy while
+// this block computes. Issuing all of a block's prefetches at once stalled
+// the core until most had landed (memory then compute, no overlap).
+struct RowPrefetcher {
+  const char* k = nullptr;  // row 0 of the next block; null: nothing to fetch
+  const char* v = nullptr;
+  int64_t stride = 0;       // bytes between rows
+  int64_t rows = 0;
+  int64_t row_bytes = 0;
+
+  // Prefetches rows [i0, i1) (clipped to the block).
+  HWY_INLINE void Rows(int64_t i0, int64_t i1) const {
+    if (k == nullptr) return;
+    for (int64_t i = i0; i < std::min(i1, rows); ++i) {
+      for (int64_t x = 0; x < row_bytes; x += 64) {
+        hwy::Prefetch(k + i * stride + x);
+        hwy::Prefetch(v + i * stride + x);
+      }
+    }
+  }
+};
+
+// Computes s_r[c] = k_scale[c] * (q_r . K_c) for kRows (<= 4) rows (q_r =
+// q + r * dim_pad, s_r = s + r * kBc) and c in [c0, c1). K_c is row c of the
+// cache: `dim_pad` elements of kDT at k_base + k_off + c * k_stride (a
+// multiple of the lane count). k_scale is null except for int8.
+// Tiles of kRows x 4 keys: each K load (and int8 -> float conversion) serves
+// kRows rows and each q load 4 keys; 4 * kRows independent FMA chains cover
+// the FMA latency (4 cycles x 2 ports = 8 in flight); Sum4 reduces a key
+// quadruple per row.
+template <DType kDT, int kRows>
+void ScoreRows(const float* HWY_RESTRICT q, int64_t dim_pad, const void* k_base, int64_t k_off,
+               int64_t k_stride, const float* k_scale, int64_t c0, int64_t c1,
+               float* HWY_RESTRICT s, const RowPrefetcher& pf) {
   const DF df;
   const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
   int64_t c = c0;
-  for (; c + 4 <= c1; c += 4) {
-    const float* kc = k + c * k_stride;
-    VF acc[kRows][4];
-    HWY_UNROLL(2) for (int r = 0; r < kRows; ++r)
-      HWY_UNROLL(4) for (int j = 0; j < 4; ++j) acc[r][j] = hn::Zero(df);
-    for (int64_t d = 0; d < dim_pad; d += nf) {
-      VF kv[4];
-      HWY_UNROLL(4) for (int j = 0; j < 4; ++j) kv[j] = hn::LoadU(df, kc + j * k_stride + d);
-      HWY_UNROLL(2) for (int r = 0; r < kRows; ++r) {
-        const VF qv = hn::Load(df, q + r * q_stride + d);
-        HWY_UNROLL(4) for (int j = 0; j < 4; ++j) acc[r][j] = hn::MulAdd(qv, kv[j], acc[r][j]);
+#if HWY_TARGET != HWY_SCALAR
+  {
+    const hn::Full128<float> d4;
+    using V4 = hn::Vec<hn::Full128<float>>;
+    // Scores of keys [c, c + 4) for every row: out[r].
+    auto quad = [&](int64_t c, V4* out) HWY_ATTR {
+      pf.Rows(c - c0, c - c0 + 4);
+      const int64_t kc = k_off + c * k_stride;
+      VF acc[kRows][4];
+      HWY_UNROLL(4) for (int r = 0; r < kRows; ++r)
+        HWY_UNROLL(4) for (int j = 0; j < 4; ++j) acc[r][j] = hn::Zero(df);
+      for (int64_t d = 0; d < dim_pad; d += nf) {
+        VF kv[4];
+        HWY_UNROLL(4) for (int j = 0; j < 4; ++j) kv[j] = LoadRow<kDT>(df, k_base, kc + j * k_stride + d);
+        HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
+          const VF qv = hn::Load(df, q + r * dim_pad + d);
+          HWY_UNROLL(4) for (int j = 0; j < 4; ++j) acc[r][j] = hn::MulAdd(qv, kv[j], acc[r][j]);
+        }
+      }
+      HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
+        out[r] = Sum4(df, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        if (k_scale != nullptr) out[r] = hn::Mul(out[r], hn::LoadU(d4, k_scale + c));
+      }
+    };
+    // Whole vectors of keys first: their quadruples are combined in
+    // registers and stored with one full-width store per row, so the
+    // softmax's full-width loads forward from the store buffer (four 16-byte
+    // stores read back as one 64-byte load stalled ~20% of the block time).
+    constexpr int64_t kQuads = hn::MaxLanes(DF()) / 4;  // 1, 2 or 4
+    for (; c + 4 * kQuads <= c1; c += 4 * kQuads) {
+      V4 out[kQuads][kRows];
+      HWY_UNROLL(4) for (int64_t j = 0; j < kQuads; ++j) quad(c + 4 * j, out[j]);
+      HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
+        if constexpr (kQuads == 4) {
+          const hn::Half<DF> dh;
+          hn::StoreU(hn::Combine(df, hn::Combine(dh, out[3][r], out[2][r]),
+                                 hn::Combine(dh, out[1][r], out[0][r])),
+                     df, s + r * kBc + c);
+        } else if constexpr (kQuads == 2) {
+          hn::StoreU(hn::Combine(df, out[1][r], out[0][r]), df, s + r * kBc + c);
+        } else {
+          hn::StoreU(out[0][r], d4, s + r * kBc + c);
+        }
       }
     }
-    HWY_UNROLL(2) for (int r = 0; r < kRows; ++r)
-      HWY_UNROLL(4) for (int j = 0; j < 4; ++j)
-        s[r * kBc + c + j] = hn::GetLane(hn::SumOfLanes(df, acc[r][j]));
-  }
-  for (; c < c1; ++c) {
-    const float* kc = k + c * k_stride;
-    VF acc[kRows];
-    HWY_UNROLL(2) for (int r = 0; r < kRows; ++r) acc[r] = hn::Zero(df);
-    for (int64_t d = 0; d < dim_pad; d += nf) {
-      const VF kv = hn::LoadU(df, kc + d);
-      HWY_UNROLL(2) for (int r = 0; r < kRows; ++r)
-        acc[r] = hn::MulAdd(hn::Load(df, q + r * q_stride + d), kv, acc[r]);
+    for (; c + 4 <= c1; c += 4) {
+      V4 out[kRows];
+      quad(c, out);
+      HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) hn::StoreU(out[r], d4, s + r * kBc + c);
     }
-    HWY_UNROLL(2) for (int r = 0; r < kRows; ++r) s[r * kBc + c] = hn::GetLane(hn::SumOfLanes(df, acc[r]));
   }
+#endif  // HWY_TARGET != HWY_SCALAR
+  for (; c < c1; ++c) {
+    pf.Rows(c - c0, c - c0 + 1);
+    const int64_t kc = k_off + c * k_stride;
+    VF acc[kRows];
+    HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) acc[r] = hn::Zero(df);
+    for (int64_t d = 0; d < dim_pad; d += nf) {
+      const VF kv = LoadRow<kDT>(df, k_base, kc + d);
+      HWY_UNROLL(4) for (int r = 0; r < kRows; ++r)
+        acc[r] = hn::MulAdd(hn::Load(df, q + r * dim_pad + d), kv, acc[r]);
+    }
+    const float sc = k_scale != nullptr ? k_scale[c] : 1.0f;
+    HWY_UNROLL(4) for (int r = 0; r < kRows; ++r)
+      s[r * kBc + c] = hn::GetLane(hn::SumOfLanes(df, acc[r])) * sc;
+  }
+  pf.Rows(c1 - c0, pf.rows);
+}
+
+// ScoreRows for `rows` rows, four at a time; the first group prefetches.
+template <DType kDT>
+void ScoreAllRows(int64_t rows, const float* q, int64_t dim_pad, const void* k_base, int64_t k_off,
+                  int64_t k_stride, const float* k_scale, int64_t c0, int64_t c1, float* s,
+                  const RowPrefetcher& prefetch) {
+  const RowPrefetcher none;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    ScoreRows<kDT, 4>(q + r * dim_pad, dim_pad, k_base, k_off, k_stride, k_scale, c0, c1,
+                      s + r * kBc, r == 0 ? prefetch : none);
+  }
+  const int64_t left = rows - r;
+  const RowPrefetcher& pf = r == 0 ? prefetch : none;
+  q += r * dim_pad, s += r * kBc;
+  if (left == 3) ScoreRows<kDT, 3>(q, dim_pad, k_base, k_off, k_stride, k_scale, c0, c1, s, pf);
+  if (left == 2) ScoreRows<kDT, 2>(q, dim_pad, k_base, k_off, k_stride, k_scale, c0, c1, s, pf);
+  if (left == 1) ScoreRows<kDT, 1>(q, dim_pad, k_base, k_off, k_stride, k_scale, c0, c1, s, pf);
+}
+
+// acc_r[0, kN * nf) = alpha_r * acc_r + sum_{c in [c0, c1)} p_r[c] * V_c for
+// kRows rows (p_r = p + r * kBc, acc_r = acc + r * dim_pad), V_c = kN * nf
+// elements of kDT at v_base + v_off + c * v_stride. Every p_r[c] is
+// multiplied in: only for blocks where every row attends all of [c0, c1)
+// (a token outside a row's range takes WeightedSumRows, which skips it).
+// Each V load (and int8 conversion) serves kRows rows; kRows * kN <= 16
+// accumulators stay in registers.
+template <DType kDT, int kRows, int kN>
+HWY_INLINE void PvTile(DF df, const float* alpha, const float* HWY_RESTRICT p, const void* v_base,
+                       int64_t v_off, int64_t v_stride, int64_t c0, int64_t c1,
+                       float* HWY_RESTRICT acc, int64_t dim_pad) {
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  VF sum[kRows][kN];
+  HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
+    const VF al = hn::Set(df, alpha[r]);
+    HWY_UNROLL(8) for (int n = 0; n < kN; ++n)
+      sum[r][n] = hn::Mul(al, hn::Load(df, acc + r * dim_pad + n * nf));
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t vc = v_off + c * v_stride;
+    VF vv[kN];
+    HWY_UNROLL(8) for (int n = 0; n < kN; ++n) vv[n] = LoadRow<kDT>(df, v_base, vc + n * nf);
+    HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
+      const VF pr = hn::Set(df, p[r * kBc + c]);
+      HWY_UNROLL(8) for (int n = 0; n < kN; ++n) sum[r][n] = hn::MulAdd(pr, vv[n], sum[r][n]);
+    }
+  }
+  HWY_UNROLL(4) for (int r = 0; r < kRows; ++r)
+    HWY_UNROLL(8) for (int n = 0; n < kN; ++n) hn::Store(sum[r][n], df, acc + r * dim_pad + n * nf);
+}
+
+// PvTile over all of dim_pad for kRows rows: 4 rows x 4 vectors or 2 rows x
+// 8 vectors per pass (head_dim 128 on AVX-512: two passes over the block's V
+// rows for 4 rows, the second from L1).
+template <DType kDT, int kRows>
+void PvRows(const float* alpha, const float* p, const void* v_base, int64_t v_off,
+            int64_t v_stride, int64_t dim_pad, int64_t c0, int64_t c1, float* acc) {
+  const DF df;
+  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
+  constexpr int kWide = kRows <= 2 ? 8 : 4;
+  for (int64_t d0 = 0; d0 < dim_pad;) {
+    const int64_t left = (dim_pad - d0) / nf;
+    if (left >= kWide) {
+      PvTile<kDT, kRows, kWide>(df, alpha, p, v_base, v_off + d0, v_stride, c0, c1, acc + d0, dim_pad);
+      d0 += kWide * nf;
+    } else if (left >= 2) {
+      PvTile<kDT, kRows, 2>(df, alpha, p, v_base, v_off + d0, v_stride, c0, c1, acc + d0, dim_pad);
+      d0 += 2 * nf;
+    } else {
+      PvTile<kDT, kRows, 1>(df, alpha, p, v_base, v_off + d0, v_stride, c0, c1, acc + d0, dim_pad);
+      d0 += nf;
+    }
+  }
+}
+
+// PvRows for `rows` rows, four at a time.
+template <DType kDT>
+void PvAllRows(int64_t rows, const float* alpha, const float* p, const void* v_base, int64_t v_off,
+               int64_t v_stride, int64_t dim_pad, int64_t c0, int64_t c1, float* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    PvRows<kDT, 4>(alpha + r, p + r * kBc, v_base, v_off, v_stride, dim_pad, c0, c1, acc + r * dim_pad);
+  const int64_t left = rows - r;
+  alpha += r, p += r * kBc, acc += r * dim_pad;
+  if (left == 3) PvRows<kDT, 3>(alpha, p, v_base, v_off, v_stride, dim_pad, c0, c1, acc);
+  if (left == 2) PvRows<kDT, 2>(alpha, p, v_base, v_off, v_stride, dim_pad, c0, c1, acc);
+  if (left == 1) PvRows<kDT, 1>(alpha, p, v_base, v_off, v_stride, dim_pad, c0, c1, acc);
 }
 
 // Online-softmax update of one row for the block's scores s[c0, c1), of
 // which the row attends [a, e) (a < e): m, l and alpha updated, and
-// s[c0, c1) = p, exactly 0 outside [a, e).
-void SoftmaxRow(float* HWY_RESTRICT s, int64_t c0, int64_t c1, int64_t a, int64_t e,
+// s[c0, c1) = p, exactly 0 outside [a, e). Returns whether a score in
+// [a, e) is -inf (its p = 0 must not meet an inf/NaN V row).
+bool SoftmaxRow(float* HWY_RESTRICT s, int64_t c0, int64_t c1, int64_t a, int64_t e,
                 float* row_max, float* row_sum, float* alpha_out) {
   const DF df;
   const DI di;
   const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
   const VF neg_inf = hn::Set(df, -kInf);
   const auto av = hn::Set(di, static_cast<int32_t>(a)), ev = hn::Set(di, static_cast<int32_t>(e));
+  // Highway 1.0.3's Iota(di, x) stores the lanes to the stack and reloads
+  // them (a failed store forward, 15% of the kernel when called per vector):
+  // build it once and add x.
+  const auto iota = hn::Iota(di, 0);
   // m_new = max(m_old, max_c s): lanes outside [a, e) are -inf.
   VF mx = neg_inf;
+  auto any_neg_inf = hn::FirstN(df, 0);
   for (int64_t x = a / nf * nf; x < e; x += nf) {
-    const auto idx = hn::Iota(di, static_cast<int32_t>(x));
+    const auto idx = hn::Add(iota, hn::Set(di, static_cast<int32_t>(x)));
     const auto in = hn::RebindMask(df, hn::AndNot(hn::Lt(idx, av), hn::Lt(idx, ev)));
-    mx = hn::Max(mx, hn::IfThenElse(in, hn::Load(df, s + x), neg_inf));
+    const VF sx = hn::Load(df, s + x);
+    mx = hn::Max(mx, hn::IfThenElse(in, sx, neg_inf));
+    any_neg_inf = hn::Or(any_neg_inf, hn::And(in, hn::Eq(sx, neg_inf)));
   }
   const float m_old = *row_max;
   const float m_new = std::max(m_old, hn::GetLane(hn::MaxOfLanes(df, mx)));
@@ -232,7 +446,7 @@ void SoftmaxRow(float* HWY_RESTRICT s, int64_t c0, int64_t c1, int64_t a, int64_
   const VF ms = hn::Set(df, m_sub);
   VF l0 = hn::Zero(df);
   for (int64_t x = c0 / nf * nf; x < c1; x += nf) {
-    const auto idx = hn::Iota(di, static_cast<int32_t>(x));
+    const auto idx = hn::Add(iota, hn::Set(di, static_cast<int32_t>(x)));
     const auto in = hn::RebindMask(df, hn::AndNot(hn::Lt(idx, av), hn::Lt(idx, ev)));
     const VF p = hn::IfThenElseZero(in, ExpOrNan(df, hn::Sub(hn::Load(df, s + x), ms)));
     hn::Store(p, df, s + x);
@@ -241,6 +455,7 @@ void SoftmaxRow(float* HWY_RESTRICT s, int64_t c0, int64_t c1, int64_t a, int64_
   *row_sum = alpha * *row_sum + hn::GetLane(hn::SumOfLanes(df, l0));  // l = alpha * l + sum p
   *row_max = m_new;
   *alpha_out = alpha;
+  return !hn::AllFalse(df, any_neg_inf);
 }
 
 // acc_r[0, kN * NF) = alpha_r * acc_r + sum_{c in [c0, c1), p_r[c] != 0}
@@ -314,7 +529,9 @@ void WeightedSumRows(const float* alpha, const float* p, const float* v, int64_t
 
 // Per-thread scratch, sized for R rows and dim_pad.
 struct Scratch {
-  hwy::AlignedFreeUniquePtr<float[]> q, acc, s, k_tile, v_tile, row_max, row_sum, alpha;
+  // pv: int8 weights times V's scale; k_scale, v_scale: one block's scales.
+  hwy::AlignedFreeUniquePtr<float[]> q, acc, s, pv, k_tile, v_tile, row_max, row_sum, alpha,
+      k_scale, v_scale;
   std::vector<int64_t> lo, hi, a, e;
 
   Scratch(int64_t rows, int64_t dim_pad) {
@@ -324,6 +541,7 @@ struct Scratch {
       return ptr;
     };
     q = alloc(rows * dim_pad), acc = alloc(rows * dim_pad), s = alloc(rows * kBc);
+    pv = alloc(rows * kBc), k_scale = alloc(kBc), v_scale = alloc(kBc);
     k_tile = alloc(kBc * dim_pad), v_tile = alloc(kBc * dim_pad);
     row_max = alloc(rows), row_sum = alloc(rows), alpha = alloc(rows);
     lo.resize(rows), hi.resize(rows), a.resize(rows), e.resize(rows);
@@ -388,7 +606,7 @@ ItemResult RunItem(const DecodeParams& p, const DecodePlan& plan, int64_t b, int
   std::fill(w.acc.get(), w.acc.get() + rows * dim_pad, 0.0f);
 
   const DType dtype = plan.dtype;
-  const bool direct = dtype == DType::kFloat32 && dim % nf == 0;
+  const bool direct = dim % nf == 0;
   const bool int8 = dtype == DType::kInt8;
   const int64_t esize = static_cast<int64_t>(DTypeSize(dtype));
   const int64_t token_bytes = 2 * dim * esize + (int8 ? 2 * int64_t{sizeof(float)} : 0);
@@ -410,50 +628,122 @@ ItemResult RunItem(const DecodeParams& p, const DecodePlan& plan, int64_t b, int
       result.computed = true;
       result.bytes += (c1 - c0) * token_bytes;
 
-      // K and V rows [c0, c1): in place, or converted to float32 tiles.
+      // K and V rows [c0, c1): read in place in their storage dtype (int8
+      // scales gathered per block), or, for a head_dim that is not a
+      // multiple of the lane count, converted to zero-padded float32 tiles.
       const int64_t head_off = g * chunk.head_stride;
-      const float* k_rows = w.k_tile.get();
-      const float* v_rows = w.v_tile.get();
-      int64_t kv_stride = dim_pad;
+      const void* k_base = w.k_tile.get();
+      const void* v_base = w.v_tile.get();
+      int64_t kv_off = 0, kv_stride = dim_pad;
+      DType row_dtype = DType::kFloat32;
+      const float* k_scale = nullptr;
       if (direct) {
-        k_rows = static_cast<const float*>(chunk.k) + head_off + tb * chunk.token_stride;
-        v_rows = static_cast<const float*>(chunk.v) + head_off + tb * chunk.token_stride;
-        kv_stride = chunk.token_stride;
+        k_base = chunk.k, v_base = chunk.v;
+        kv_off = head_off + tb * chunk.token_stride, kv_stride = chunk.token_stride;
+        row_dtype = dtype;
+        if (int8) {
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t si = (tb + c) * chunk.scale_token_stride + g * chunk.scale_head_stride;
+            w.k_scale[c] = chunk.k_scale[si], w.v_scale[c] = chunk.v_scale[si];
+          }
+          k_scale = w.k_scale.get();
+        }
       } else {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t t = tb + c;
-          const int64_t si = t * plan.num_kv_heads + g;
+          const int64_t si = t * chunk.scale_token_stride + g * chunk.scale_head_stride;
           ConvertRow(chunk.k, dtype, t * chunk.token_stride + head_off,
                      int8 ? chunk.k_scale[si] : 1.0f, dim, dim_pad, w.k_tile.get() + c * dim_pad);
           ConvertRow(chunk.v, dtype, t * chunk.token_stride + head_off,
                      int8 ? chunk.v_scale[si] : 1.0f, dim, dim_pad, w.v_tile.get() + c * dim_pad);
         }
       }
-      // 1. Scores of every row over the union [c0, c1), two rows at a time
+      RowPrefetcher prefetch;
+      if (direct && tb + kBc < t_end) {
+        const int64_t next_off = (kv_off + kBc * kv_stride) * esize;
+        prefetch.k = static_cast<const char*>(chunk.k) + next_off;
+        prefetch.v = static_cast<const char*>(chunk.v) + next_off;
+        prefetch.stride = kv_stride * esize;
+        prefetch.rows = std::min(kBc, t_end - tb - kBc);
+        prefetch.row_bytes = dim * esize;
+      }
+      // 1. Scores of every row over the union [c0, c1), four rows at a time
       // (a row's tokens outside its own range are masked in step 2).
       float* q = w.q.get();
       float* s = w.s.get();
-      int64_t r = 0;
-      for (; r + 2 <= rows; r += 2)
-        ScoreTile<2>(q + r * dim_pad, dim_pad, k_rows, kv_stride, dim_pad, c0, c1, s + r * kBc);
-      if (r < rows) ScoreTile<1>(q + r * dim_pad, dim_pad, k_rows, kv_stride, dim_pad, c0, c1, s + r * kBc);
-      // 2. Online softmax per row over its range; p = 0 elsewhere.
-      for (r = 0; r < rows; ++r) {
+      switch (row_dtype) {
+        case DType::kFloat16:
+          ScoreAllRows<DType::kFloat16>(rows, q, dim_pad, k_base, kv_off, kv_stride, k_scale, c0, c1, s, prefetch);
+          break;
+        case DType::kBFloat16:
+          ScoreAllRows<DType::kBFloat16>(rows, q, dim_pad, k_base, kv_off, kv_stride, k_scale, c0, c1, s, prefetch);
+          break;
+        case DType::kInt8:
+          ScoreAllRows<DType::kInt8>(rows, q, dim_pad, k_base, kv_off, kv_stride, k_scale, c0, c1, s, prefetch);
+          break;
+        default:
+          ScoreAllRows<DType::kFloat32>(rows, q, dim_pad, k_base, kv_off, kv_stride, k_scale, c0, c1, s, prefetch);
+          break;
+      }
+      // 2. Online softmax per row over its range; p = 0 elsewhere. `uniform`:
+      // every row attends all of [c0, c1) and no score there is -inf, so
+      // every p may meet every V row (the usual block).
+      bool uniform = true;
+      for (int64_t r = 0; r < rows; ++r) {
         if (w.e[r] > w.a[r]) {
-          SoftmaxRow(s + r * kBc, c0, c1, w.a[r], w.e[r], &w.row_max[r], &w.row_sum[r], &w.alpha[r]);
+          const bool neg_inf = SoftmaxRow(s + r * kBc, c0, c1, w.a[r], w.e[r], &w.row_max[r],
+                                          &w.row_sum[r], &w.alpha[r]);
+          uniform = uniform && !neg_inf && w.a[r] == c0 && w.e[r] == c1;
         } else {  // nothing attended here: p = 0, state unchanged
           std::fill(s + r * kBc + c0, s + r * kBc + c1, 0.0f);
           w.alpha[r] = 1.0f;
+          uniform = false;
         }
       }
-      // 3. acc = alpha * acc + P.V, two rows per V load.
+      // 3. acc = alpha * acc + P.V.
       float* acc = w.acc.get();
-      for (r = 0; r + 2 <= rows; r += 2)
-        WeightedSumRows<2>(&w.alpha[r], s + r * kBc, v_rows, kv_stride, dim_pad, c0, c1,
-                           acc + r * dim_pad, dim_pad);
-      if (r < rows)
-        WeightedSumRows<1>(&w.alpha[r], s + r * kBc, v_rows, kv_stride, dim_pad, c0, c1,
-                           acc + r * dim_pad, dim_pad);
+      if (uniform) {
+        const float* pw = s;
+        if (k_scale != nullptr) {  // int8 in place: fold V's scale into p
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = c0; c < c1; ++c) w.pv[r * kBc + c] = s[r * kBc + c] * w.v_scale[c];
+          pw = w.pv.get();
+        }
+        switch (row_dtype) {
+          case DType::kFloat16:
+            PvAllRows<DType::kFloat16>(rows, w.alpha.get(), pw, v_base, kv_off, kv_stride, dim_pad, c0, c1, acc);
+            break;
+          case DType::kBFloat16:
+            PvAllRows<DType::kBFloat16>(rows, w.alpha.get(), pw, v_base, kv_off, kv_stride, dim_pad, c0, c1, acc);
+            break;
+          case DType::kInt8:
+            PvAllRows<DType::kInt8>(rows, w.alpha.get(), pw, v_base, kv_off, kv_stride, dim_pad, c0, c1, acc);
+            break;
+          default:
+            PvAllRows<DType::kFloat32>(rows, w.alpha.get(), pw, v_base, kv_off, kv_stride, dim_pad, c0, c1, acc);
+            break;
+        }
+      } else {
+        // Rows with different ranges (a diagonal or window edge with seq_q >
+        // 1) or a -inf score: float32 V rows that skip zero weights.
+        const float* v_rows = static_cast<const float*>(v_base) + kv_off;
+        int64_t v_stride = kv_stride;
+        if (row_dtype != DType::kFloat32) {
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t t = tb + c;
+            ConvertRow(chunk.v, dtype, t * chunk.token_stride + head_off,
+                       int8 ? w.v_scale[c] : 1.0f, dim, dim_pad, w.v_tile.get() + c * dim_pad);
+          }
+          v_rows = w.v_tile.get(), v_stride = dim_pad;
+        }
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2)
+          WeightedSumRows<2>(&w.alpha[r], s + r * kBc, v_rows, v_stride, dim_pad, c0, c1,
+                             acc + r * dim_pad, dim_pad);
+        if (r < rows)
+          WeightedSumRows<1>(&w.alpha[r], s + r * kBc, v_rows, v_stride, dim_pad, c0, c1,
+                             acc + r * dim_pad, dim_pad);
+      }
     }
     k = chunk_start + chunk.count;
     chunk_start = k;
