@@ -154,22 +154,25 @@ def main():
         out("")
     if a.decode_lengths:
         out("**Decode** (one step, B = 1, 32 query heads, 8 KV heads, head_dim 128, contiguous cache; "
-            "GB/s = K/V bytes read / median time; copy = memcpy read + write bytes / time):")
+            "GB/s = K/V bytes read / median time; copy = memcpy on the same threads, read + write "
+            "bytes / time; read = a read-only stream on the same threads):")
         out("")
-        out("| threads | copy GB/s | cache tokens | f32 us/token | f32 GB/s | f32 % of copy "
-            "| i8 us/token | i8 GB/s | i8 speedup over f32 |")
-        out("|---|---|---|---|---|---|---|---|---|")
+        out("| threads | copy GB/s | read GB/s | cache tokens | f32 us/token | f32 GB/s "
+            "| f32 % of copy | f32 % of read | i8 us/token | i8 GB/s | i8 speedup over f32 |")
+        out("|---|---|---|---|---|---|---|---|---|---|---|")
         for t in [int(x) for x in a.threads.split(",")]:
             env = {k: v for k, v in os.environ.items()
                    if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-            copy = json.loads(subprocess.check_output(
+            bw = json.loads(subprocess.check_output(
                 [os.path.join(a.build, "qkv_roofline"), "--threads", str(t), "--copy"],
-                env=env))["copy_gbps"]
+                env=env))
+            copy, read = bw["copy_gbps"], bw["read_gbps"]
             rows = decode_rows(a.build, t, [int(x) for x in a.decode_lengths.split(",")],
                                max(a.repeat, 5))
             for f32, i8 in zip(rows[0::2], rows[1::2]):
-                out(f"| {t} | {copy:.1f} | {f32['cache_len']} | {f32['median_s'] * 1e6:.0f} | "
-                    f"{f32['gbps']:.1f} | {100 * f32['gbps'] / copy:.0f}% | "
+                out(f"| {t} | {copy:.1f} | {read:.1f} | {f32['cache_len']} | "
+                    f"{f32['median_s'] * 1e6:.0f} | {f32['gbps']:.1f} | "
+                    f"{100 * f32['gbps'] / copy:.0f}% | {100 * f32['gbps'] / read:.0f}% | "
                     f"{i8['median_s'] * 1e6:.0f} | {i8['gbps']:.1f} | "
                     f"{f32['median_s'] / i8['median_s']:.2f}x |")
                 print(lines[-1], file=sys.stderr, flush=True)
