@@ -19,28 +19,40 @@
 //      union [c0, c1) is what is read; an empty union skips the block, and
 //      a split that misses every row's range is skipped before Q is packed.
 //   1. s_rc = Q'_r . K_c for every row and c in [c0, c1), Q' = scale * Q
-//      packed once per item (head_dim in SIMD lanes; tiles of 2 rows x 4
-//      keys, so each K load serves 2 rows and each Q load 4 keys);
+//      packed once per item (head_dim in SIMD lanes). Tiles of 4 rows x 4
+//      keys: each K load (and its dtype conversion) serves 4 rows, each Q
+//      load 4 keys, and the 16 dot products are reduced by a transpose-add
+//      tree (Sum4) instead of 16 horizontal sums; int8 scales multiply the
+//      4 sums. Meanwhile the next block's K/V rows are prefetched.
 //   2. online softmax per row over [a_r, e_r):
 //        m_new = max(m_old, max_c s_rc),  alpha = exp(m_old - m_new)
 //        p_rc  = exp(s_rc - m_new),       l = alpha * l + sum_c p_rc
-//   3. acc_r = alpha * acc_r + sum_{c in [a_r, e_r), p_rc != 0} p_rc V_c,
-//      two rows per V load.
-// float32 K/V rows whose head_dim is a multiple of the lane count are read
-// in place; float16, bfloat16 and int8 rows (value = int8 * scale of its
-// (token, kv head)) and odd head_dims are converted into a zero-padded
-// float32 tile first, so one loop body serves every dtype.
+//   3. acc_r = alpha * acc_r + sum_c p_rc V_c (int8: p_rc * v_scale_c), 4
+//      rows x 4 vectors per V load. A block where rows attend different
+//      ranges (the diagonal of seq_q > 1, a window edge) or with a -inf
+//      score instead skips each zero weight (WeightedSumRows on float32
+//      rows).
+// K/V rows are read in place in their storage dtype (float32, float16,
+// bfloat16, int8 converted in registers) when head_dim is a multiple of the
+// lane count; other head_dims go through a zero-padded float32 tile
+// (ConvertRow), scales applied there.
 //
 // Memory traffic: each K/V row (and int8 scale) of an attended token is read
 // once per step for the whole group; Q and the partials are tiny. A decode
 // step is bound by memory: 4 query heads x 128 dims cost 2 FMAs per K/V
-// float, far below the FMA peak. Items run KV head fastest within a split,
-// so in a token-major cache (heads interleaved per token, as KvCache stores
-// them) the lines the hardware fetched around one head's rows are still in
-// L2 for the next head: 1.5x faster at 64K tokens than split-major order.
-// Rejected: software prefetch of the next block (hwy::Prefetch of every
-// line, 1 to 8 blocks ahead): 0 to 10% slower for float32 and neutral for
-// int8 once the item order was fixed (1 thread, B = 1, 32/8 heads, D = 128).
+// float, far below the FMA peak. KvCache stores each kv head's rows
+// contiguously, so an item streams two sequential runs (K and V).
+// Measured (1 thread, B = 1, 32/8 heads, D = 128, 64K tokens, this
+// project's VM): the core does not overlap streaming with compute: a
+// synthetic stream with N FMAs per 16 KiB block takes the stream time plus
+// the FMA time. So the kernel's time is ~ bytes / 16 GB/s (one core's read
+// stream) + its compute time, and cutting compute is what speeds it up:
+// f32 69 -> 55 ms and int8 43 -> 21 ms per step came from the in-register
+// conversion, Sum4 and hoisting Iota (Highway 1.0.3's Iota stores lanes and
+// reloads them: a failed store forward, 15% of the kernel), plus 1.2x from
+// the head-major cache layout. Software prefetch: issuing all of a block's
+// prefetches at once stalled the core on full fill buffers; spread over the
+// score loop it is 5-10% faster than none.
 //
 // Edge cases:
 //   * Tokens outside a row's range never meet the row: scores, exps and
@@ -598,8 +610,13 @@ ItemResult RunItem(const DecodeParams& p, const DecodePlan& plan, int64_t b, int
     const int64_t h = g * plan.group_size + r / nq;
     const int64_t off = p.q.Offset(b, h, r % nq, 0);
     float* q = w.q.get() + r * dim_pad;
-    for (int64_t d = 0; d < dim; ++d)
-      q[d] = static_cast<float>(plan.scale * LoadQ(p.q.data, p.q.dtype, off + d * p.q.strides[3]));
+    if (p.q.dtype == DType::kFloat32 && p.q.strides[3] == 1) {  // vectorised by the compiler
+      const float* src = static_cast<const float*>(p.q.data) + off;
+      for (int64_t d = 0; d < dim; ++d) q[d] = static_cast<float>(plan.scale * src[d]);
+    } else {
+      for (int64_t d = 0; d < dim; ++d)
+        q[d] = static_cast<float>(plan.scale * LoadQ(p.q.data, p.q.dtype, off + d * p.q.strides[3]));
+    }
     for (int64_t d = dim; d < dim_pad; ++d) q[d] = 0.0f;
     w.row_max[r] = -kInf, w.row_sum[r] = 0.0f;
   }
@@ -788,8 +805,10 @@ void RunDecode(const DecodeParams& p, const DecodePlan& plan, float* part_out, f
           std::upper_bound(plan.item_base.begin(), plan.item_base.end(), item) - plan.item_base.begin() - 1;
       const int64_t local = item - plan.item_base[b];
       // KV head fastest: the items of one split run back to back, so in a
-      // token-major cache (heads interleaved per token) the lines and pages
-      // the hardware fetched for one head are still cached for the next.
+      // token-major view (heads interleaved per token, as a caller may
+      // build) the lines and pages the hardware fetched for one head are
+      // still cached for the next (1.5x at 64K tokens when KvCache was
+      // token-major). KvCache's head-major runs do not care.
       const int64_t split = local / plan.num_kv_heads, g = local % plan.num_kv_heads;
       const ItemResult result = RunItem(p, plan, b, g, split, w, part_out, part_lse);
       bytes += result.bytes;
