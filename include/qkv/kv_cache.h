@@ -26,9 +26,9 @@
 //
 // Positions: token t of a sequence (t = 0, 1, ...) has absolute position t,
 // whether or not it was evicted later. Keys are stored as appended: apply
-// RoPE at the absolute position before Append (qkv/positional.h). Views
-// report each chunk's first absolute position, so kernels can apply causal
-// and window rules by position.
+// RoPE at the absolute position before Append (qkv/positional.h), or let
+// AppendWithRope below do it. Views report each chunk's first absolute
+// position, so kernels can apply causal and window rules by position.
 #ifndef QKV_KV_CACHE_H_
 #define QKV_KV_CACHE_H_
 
@@ -37,6 +37,7 @@
 #include <span>
 #include <vector>
 
+#include "qkv/positional.h"
 #include "qkv/tensor.h"
 
 namespace qkv {
@@ -131,6 +132,18 @@ class KvCache {
 // Returns the bytes one token takes in a cache: 2 * num_kv_heads * head_dim *
 // dtype size, plus 2 * num_kv_heads * 4 for kInt8 scales.
 int64_t KvBytesPerToken(const KvCacheConfig& config);
+
+// Appends n tokens like cache.Append, with the keys rotated by RoPE at their
+// absolute positions Length(seq), ..., Length(seq) + n - 1 first (v as is).
+// rope.offset must equal cache.Length(seq): the same RopeParams then rotate
+// the step's queries, and a caller whose position count drifted from the
+// cache's gets a qkv::Error instead of silently wrong positions. Keys are
+// converted to float32 (float64 rounded to nearest) and rotated in float32
+// on a copy, bitwise as ApplyRope on the whole sequence's keys; the copy
+// takes n * num_kv_heads * head_dim floats. Every error (the offset, the
+// RoPE parameters, Append's checks) is thrown before anything is stored.
+void AppendWithRope(KvCache& cache, int64_t seq, const TensorView& k, const TensorView& v,
+                    const RopeParams& rope);
 
 }  // namespace qkv
 
