@@ -177,6 +177,20 @@ def main():
                     f"{f32['median_s'] / i8['median_s']:.2f}x |")
                 print(lines[-1], file=sys.stderr, flush=True)
         out("")
+        ov = json.loads(subprocess.check_output(
+            [os.path.join(a.build, "qkv_roofline"), "--threads", "1", "--overlap"], env=env))
+        if "overlap" in ov:
+            out("Does one core overlap a read stream with arithmetic? (`qkv_roofline --threads 1 "
+                "--overlap`: 512 MiB read in 16 KiB blocks, W rounds of 8 independent FMAs after each "
+                "block)")
+            out("")
+            out("| FMA rounds per block | stream + FMAs ms | FMAs alone ms | stream alone + FMAs alone ms |")
+            out("|---|---|---|---|")
+            base = ov["overlap"][0]["stream_and_fma_ms"]
+            for row in ov["overlap"]:
+                out(f"| {row['fma_rounds_per_16KiB']} | {row['stream_and_fma_ms']:.1f} | "
+                    f"{row['fma_only_ms']:.1f} | {base + row['fma_only_ms']:.1f} |")
+            out("")
     text = "\n".join(lines)
     print(text)
     if a.write:

@@ -6,6 +6,11 @@
 //             tuned matrix multiply reaches on the same threads.
 //   copy:     memcpy of 1 GiB split over the threads (read + write bytes
 //             counted, as STREAM's copy): the bandwidth.
+//   overlap:  (--overlap, one thread) whether a core overlaps a read stream
+//             with arithmetic: 512 MiB read in 16 KiB blocks with W
+//             dependent-free FMAs after each block, timed against the stream
+//             alone and the FMAs alone. On this project's VM the sum of the
+//             two is what it takes: the decode kernel's time model.
 //   read:     a read-only stream over 1 GiB (vector adds) on every thread:
 //             what a kernel that only reads (decode) can reach. On this
 //             project's VM one core reads ~16 GB/s but copies ~23 GB/s.
@@ -168,18 +173,68 @@ double ReadBandwidth(int threads) {
   return best + sink * 0.0;
 }
 
+// Streams `floats` floats in blocks of 4096 (16 KiB), `work` rounds of 8
+// independent FMAs after each block (stream = false: the FMAs only).
+// Returns seconds (best of 3).
+__attribute__((target("avx512f"))) double StreamWithWork(const float* p, int64_t floats, int work,
+                                                          bool stream, float* sink) {
+  double best = 1e30;
+  for (int rep = 0; rep < 3; ++rep) {
+    const double t0 = Seconds();
+    // a starts at 1: with a = 0 the FMA-only chains decay into denormals.
+    __m512 a = _mm512_set1_ps(1.0f), b = _mm512_setzero_ps();
+    __m512 c[8];
+    for (int i = 0; i < 8; ++i) c[i] = _mm512_set1_ps(1.0f + i / 1024.0f);
+    const __m512 m = _mm512_set1_ps(0.9999f);
+    for (int64_t blk = 0; blk < floats; blk += 4096) {
+      if (stream) {
+        for (int64_t i = blk; i < blk + 4096; i += 32) {
+          a = _mm512_add_ps(a, _mm512_loadu_ps(p + i));
+          b = _mm512_add_ps(b, _mm512_loadu_ps(p + i + 16));
+        }
+      }
+      for (int w = 0; w < work; ++w)
+        for (int i = 0; i < 8; ++i) c[i] = _mm512_fmadd_ps(c[i], m, a);
+    }
+    best = std::min(best, Seconds() - t0);
+    alignas(64) float lanes[16];
+    __m512 s = _mm512_add_ps(a, b);
+    for (int i = 0; i < 8; ++i) s = _mm512_add_ps(s, c[i]);
+    _mm512_store_ps(lanes, s);
+    for (float x : lanes) *sink += x;
+  }
+  return best;
+}
+
+void PrintOverlap() {
+  const int64_t floats = int64_t{1} << 27;  // 512 MiB
+  std::vector<float> data(floats, 1.0f);
+  float sink = 0.0f;
+  std::printf(", \"overlap\": [");
+  const int works[] = {0, 200, 400, 800};
+  for (int i = 0; i < 4; ++i) {
+    const double both = StreamWithWork(data.data(), floats, works[i], true, &sink);
+    const double fma = StreamWithWork(data.data(), floats, works[i], false, &sink);
+    std::printf("%s{\"fma_rounds_per_16KiB\": %d, \"stream_and_fma_ms\": %.1f, \"fma_only_ms\": %.1f}",
+                i ? ", " : "", works[i], both * 1e3, fma * 1e3 + sink * 0.0);
+  }
+  std::printf("]");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int threads = 1;
-  bool copy = false;
+  bool copy = false, overlap = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
       threads = std::atoi(argv[++i]);
     } else if (std::strcmp(argv[i], "--copy") == 0) {
       copy = true;
+    } else if (std::strcmp(argv[i], "--overlap") == 0) {
+      overlap = true;
     } else {
-      std::fprintf(stderr, "qkv_roofline: unknown argument '%s' (expected --threads T [--copy])\n",
+      std::fprintf(stderr, "qkv_roofline: unknown argument '%s' (expected --threads T [--copy] [--overlap])\n",
                    argv[i]);
       return 2;
     }
@@ -199,6 +254,7 @@ int main(int argc, char** argv) {
     std::printf(", \"copy_gbps\": %.2f, \"read_gbps\": %.2f", CopyBandwidth(threads) * 1e-9,
                 ReadBandwidth(threads) * 1e-9);
   }
+  if (overlap && __builtin_cpu_supports("avx512f")) PrintOverlap();
   std::printf("}\n");
   return 0;
 }

@@ -146,6 +146,7 @@ int RunDecode(const DecodeFlags& f) {
               total / f.generate * 1e6, Median(times) * 1e6, bytes / total * 1e-9, info.threads,
               info.simd_target.c_str(), HumanBytes(static_cast<double>(cache.BytesAllocated())).c_str(),
               HumanBytes(static_cast<double>(PeakRssBytes())).c_str());
+  std::printf("K/V path: %s\n", info.path.c_str());
   return 0;
 }
 
@@ -177,15 +178,16 @@ int RunDecodeBench(const DecodeFlags& f, int64_t cache_len) {
       {"max_s", *std::max_element(times.begin(), times.end())},
       {"bytes_per_token", info.kv_bytes_read}, {"gbps", info.kv_bytes_read / median * 1e-9},
       {"splits", info.splits}, {"threads", info.threads}, {"simd_target", info.simd_target},
+      {"path", info.path},
       {"peak_rss_bytes", PeakRssBytes()}};
   if (g.json) {
     std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("decode step over %lld cached tokens (%s): median %.1f us, %lld bytes read, "
-                "%.2f GB/s, %lld splits, %d threads, %s\n",
+                "%.2f GB/s, %lld splits, %d threads, %s; K/V path: %s\n",
                 (long long)cache_len, g.cache_dtype.c_str(), median * 1e6,
                 (long long)info.kv_bytes_read, info.kv_bytes_read / median * 1e-9,
-                (long long)info.splits, info.threads, info.simd_target.c_str());
+                (long long)info.splits, info.threads, info.simd_target.c_str(), info.path.c_str());
   }
   return 0;
 }

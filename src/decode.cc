@@ -237,6 +237,12 @@ DecodeInfo Decode(const DecodeParams& params) {
   DecodeInfo info;
   info.threads = plan.threads;
   info.simd_target = internal::DecodeSimdTarget();
+  const int64_t lanes = internal::DecodeSimdLanes();
+  info.path = plan.head_dim % lanes == 0
+                  ? std::string("in place (") + DTypeName(plan.dtype) + " rows read and converted in registers)"
+                  : "float32 tiles (head_dim " + std::to_string(plan.head_dim) +
+                        " is not a multiple of the " + std::to_string(lanes) + "-float " +
+                        info.simd_target + " width: each K/V row is converted and padded first, slower)";
   const int64_t rows = plan.batch * plan.num_q_heads * plan.seq_q;
   if (rows == 0) return info;
 

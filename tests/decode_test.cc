@@ -300,6 +300,22 @@ TEST(DecodeTest, LengthsAndHeadDims) {
   }
 }
 
+// DecodeInfo says which path read K/V and why (no silent slow path).
+TEST(DecodeTest, InfoNamesTheKvPath) {
+  const int64_t lanes = internal::DecodeSimdLanes();
+  for (int64_t dim : {64, 3}) {
+    const Problem p = MakeProblem({40}, 4, 2, 1, dim, -1, {{}}, 15);
+    const DecodeRun r = RunDecode(p);
+    if (dim % lanes == 0) {
+      EXPECT_EQ(r.info.path, "in place (float32 rows read and converted in registers)");
+    } else {
+      EXPECT_EQ(r.info.path, "float32 tiles (head_dim 3 is not a multiple of the " +
+                                 std::to_string(lanes) + "-float " + r.info.simd_target +
+                                 " width: each K/V row is converted and padded first, slower)");
+    }
+  }
+}
+
 TEST(DecodeTest, LongCachesAcrossSplits) {
   for (int64_t length : {4095, 4097}) {
     const Problem p = MakeProblem({length}, 8, 2, 2, 128, -1, {{}}, 20);

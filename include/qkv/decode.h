@@ -47,6 +47,10 @@ struct DecodeInfo {
   int64_t kv_bytes_read = 0;   // K/V (and scale) bytes the kernel read
   int threads = 1;
   std::string simd_target;
+  // How K/V rows were read, and why: "in place" (the storage dtype converted
+  // in registers), or "float32 tiles" when head_dim is not a multiple of the
+  // SIMD width (each row converted and zero-padded first: slower).
+  std::string path;
 };
 
 // Computes decode attention as above. Validates first; throws qkv::Error.

@@ -820,6 +820,7 @@ void RunDecode(const DecodeParams& p, const DecodePlan& plan, float* part_out, f
 }
 
 const char* DecodeTargetName() { return hwy::TargetName(HWY_TARGET); }
+int64_t DecodeLanes() { return static_cast<int64_t>(hn::Lanes(DF())); }
 
 }  // namespace qkv::internal::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
@@ -829,6 +830,7 @@ namespace qkv::internal {
 
 HWY_EXPORT(RunDecode);
 HWY_EXPORT(DecodeTargetName);
+HWY_EXPORT(DecodeLanes);
 
 void DecodePartials(const DecodeParams& params, const DecodePlan& plan, float* part_out,
                     float* part_lse, int64_t* splits_computed, int64_t* kv_bytes_read) {
@@ -836,6 +838,7 @@ void DecodePartials(const DecodeParams& params, const DecodePlan& plan, float* p
 }
 
 const char* DecodeSimdTarget() { return HWY_DYNAMIC_DISPATCH(DecodeTargetName)(); }
+int64_t DecodeSimdLanes() { return HWY_DYNAMIC_DISPATCH(DecodeLanes)(); }
 
 }  // namespace qkv::internal
 #endif  // HWY_ONCE

@@ -47,6 +47,9 @@ void MergeRow(const float* out_parts, const float* lse_parts, int64_t n, int64_t
 
 // Returns the SIMD target the dispatcher picks, e.g. "AVX3".
 const char* DecodeSimdTarget();
+// Returns its float32 lane count (16 on AVX3): head_dims that are a multiple
+// of it read K/V rows in place.
+int64_t DecodeSimdLanes();
 
 }  // namespace qkv::internal
 
