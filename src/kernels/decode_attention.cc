@@ -43,22 +43,26 @@
 // float, far below the FMA peak. KvCache stores each kv head's rows
 // contiguously, so an item streams two sequential runs (K and V).
 // Measured (1 thread, B = 1, 32/8 heads, D = 128, 64K tokens, this
-// project's VM): the core does not overlap streaming with compute: a
-// synthetic stream with N FMAs per 16 KiB block takes the stream time plus
-// the FMA time. So the kernel's time is ~ bytes / 16 GB/s (one core's read
-// stream) + its compute time, and cutting compute is what speeds it up:
-// f32 69 -> 55 ms and int8 43 -> 21 ms per step came from the in-register
-// conversion, Sum4 and hoisting Iota (Highway 1.0.3's Iota stores lanes and
-// reloads them: a failed store forward, 15% of the kernel), plus 1.2x from
-// the head-major cache layout. Software prefetch: issuing all of a block's
-// prefetches at once stalled the core on full fill buffers; spread over the
-// score loop it is 5-10% faster than none.
+// project's VM): the core hardly overlaps a sequential stream with
+// arithmetic by itself: a synthetic stream with W FMAs after each 16 KiB
+// block takes longer than the stream alone plus the FMAs alone
+// (qkv_roofline --overlap). So both halves count: compute was cut by the
+// in-register conversion, Sum4 and hoisting Iota (Highway 1.0.3's Iota
+// stores lanes and reloads them: a failed store forward, 15% of the
+// kernel), the head-major cache layout gave 1.2x, and spreading the next
+// block's prefetches through the FMAs (RowPrefetcher) 62 -> 45 ms, the one
+// change that made the stream and the arithmetic overlap. float32 69 -> 45
+// ms and int8 43 -> 20 ms per step in all; int8 is now bound by its
+// arithmetic (two conversion uops per 16 values on the FMA ports).
 //
 // Edge cases:
 //   * Tokens outside a row's range never meet the row: scores, exps and
 //     P.V loops run over [a_r, e_r) only, so a NaN or inf in an evicted-by-
-//     window K/V row cannot turn into 0 * NaN. p = 0 (an underflow or an
-//     s = -inf from inf inputs) skips its V row for the same reason.
+//     window K/V row cannot turn into 0 * NaN. A block where the rows'
+//     ranges differ, or with an attended score of -inf (inf inputs), skips
+//     every zero weight's V row for the same reason (WeightedSumRows); in
+//     the usual block an underflowed p = 0 meets its V row, as in the flash
+//     kernel (an inf there makes the row NaN: it was attended).
 //   * While m is -inf (no finite score yet) 0 is subtracted instead, so
 //     exp(-inf - -inf) never happens; a row with no attended key keeps l = 0
 //     and writes lse = -inf: the merge ignores it, zeros if all are -inf.
@@ -228,10 +232,14 @@ HWY_INLINE hn::Vec<hn::Full128<float>> Sum4(DF df, VF a, VF b, VF c, VF e) {
 }
 #endif  // HWY_TARGET != HWY_SCALAR
 
-// Prefetches the K and V rows of the next block into L1 a few rows at a
-// time from inside the score loop, so the line fill buffers stay busy while
-// this block computes. Issuing all of a block's prefetches at once stalled
-// the core until most had landed (memory then compute, no overlap).
+// The K and V rows of the next block, prefetched into L1 from inside the
+// score loop: each d step of a key quadruple also prefetches one line of
+// each of 4 next-block rows (ScoreRows), so memory requests are spread
+// evenly through the FMAs. Measured (1 thread, 64K tokens, float32): no
+// prefetch 62 ms; a whole block's prefetches at once 55 ms (the core stalls
+// on full fill buffers, then computes with no request in flight); 4 rows
+// per key quadruple 54 ms; one line per row per d step 45 ms. Rows() serves
+// the remainder paths.
 struct RowPrefetcher {
   const char* k = nullptr;  // row 0 of the next block; null: nothing to fetch
   const char* v = nullptr;
@@ -272,12 +280,20 @@ void ScoreRows(const float* HWY_RESTRICT q, int64_t dim_pad, const void* k_base,
     using V4 = hn::Vec<hn::Full128<float>>;
     // Scores of keys [c, c + 4) for every row: out[r].
     auto quad = [&](int64_t c, V4* out) HWY_ATTR {
-      pf.Rows(c - c0, c - c0 + 4);
+      // The next block's rows c - c0 .. + 3, one line per row per d step.
+      const int64_t i0 = c - c0, n_pf = pf.k == nullptr ? 0 : std::clamp<int64_t>(pf.rows - i0, 0, 4);
+      const int64_t esize = pf.row_bytes / std::max<int64_t>(dim_pad, 1);
       const int64_t kc = k_off + c * k_stride;
       VF acc[kRows][4];
       HWY_UNROLL(4) for (int r = 0; r < kRows; ++r)
         HWY_UNROLL(4) for (int j = 0; j < 4; ++j) acc[r][j] = hn::Zero(df);
       for (int64_t d = 0; d < dim_pad; d += nf) {
+        if (n_pf > 0 && (d * esize) % 64 == 0) {
+          for (int64_t j = 0; j < n_pf; ++j) {
+            hwy::Prefetch(pf.k + (i0 + j) * pf.stride + d * esize);
+            hwy::Prefetch(pf.v + (i0 + j) * pf.stride + d * esize);
+          }
+        }
         VF kv[4];
         HWY_UNROLL(4) for (int j = 0; j < 4; ++j) kv[j] = LoadRow<kDT>(df, k_base, kc + j * k_stride + d);
         HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
