@@ -584,9 +584,9 @@ int64_t KvCache::FreeBlocks() const { return static_cast<int64_t>(impl_->free_li
 
 // AppendWithRope: rotate a float32 copy of the keys, then Append. The order
 // keeps Append's "nothing stored on error" contract: everything that can fail
-// here (the sequence id, rope.offset, reading k, the RoPE parameters, the
-// copy's allocation) happens before Append, and Append checks all of its own
-// inputs before it stores anything.
+// here (the sequence id, rope.offset, Append's checks of k and v, the RoPE
+// parameters, the copy's allocation) happens before Append, and Append
+// checks all of its own inputs before it stores anything.
 //
 // Rejected: rotating inside Append's per-token loop, which saves the copy
 // (4 KiB per token at 8 kv heads x head_dim 128, freed on return) but needs a
@@ -597,28 +597,18 @@ int64_t KvCache::FreeBlocks() const { return static_cast<int64_t>(impl_->free_li
 // was rotated at position 0 by mistake.
 void AppendWithRope(KvCache& cache, int64_t seq, const TensorView& k, const TensorView& v,
                     const RopeParams& rope) {
-  const int64_t position = cache.Length(seq);  // throws for an unknown or freed sequence
-  if (rope.offset != position) {
+  KvCache::Impl& m = *cache.impl_;
+  const Sequence& s = m.Get(seq, "AppendWithRope");
+  if (rope.offset != s.length) {
     throw Error("AppendWithRope: rope.offset: " + S(rope.offset) +
-                " (expected cache.Length(seq) = " + S(position) +
+                " (expected cache.Length(seq) = " + S(s.length) +
                 ", the absolute position of the first new key)");
   }
-  const KvCacheConfig& c = cache.config();
+  // Append's own checks, before k is read for the copy (Append repeats them
+  // on the rotated copy: cheap next to the copy itself).
+  m.ValidateAppend(s, seq, k, v);
+  const KvCacheConfig& c = m.config;
   const int64_t n = k.shape[2];
-  // What LoadRow needs to read k. Each condition is one of Append's checks on
-  // k (ValidateAppend, which checks k before v), so a k failing here makes
-  // Append throw its own message before storing anything; the throw after it
-  // is an always-on check of that invariant, never reached.
-  const bool readable = (k.dtype == DType::kFloat32 || k.dtype == DType::kFloat16 ||
-                         k.dtype == DType::kFloat64) &&
-                        k.shape[0] == 1 && k.shape[1] == c.num_kv_heads &&
-                        k.shape[3] == c.head_dim && n >= 0 && n <= kMaxField &&
-                        (k.present() || n == 0);
-  if (!readable) {
-    cache.Append(seq, k, v);
-    throw Error("AppendWithRope: internal error: Append accepted a k of shape " +
-                ShapeString(k.shape) + " that it should reject");
-  }
   // [1, num_kv_heads, n, head_dim] contiguous. n < 2^31 (above) and
   // num_kv_heads * head_dim < 2^31 (KvCacheConfig): the size is < 2^62.
   std::vector<float> rotated(n * c.num_kv_heads * c.head_dim);

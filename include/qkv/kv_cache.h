@@ -127,6 +127,9 @@ class KvCache {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  // Validates with Append's own checks before copying the keys.
+  friend void AppendWithRope(KvCache& cache, int64_t seq, const TensorView& k,
+                             const TensorView& v, const RopeParams& rope);
 };
 
 // Returns the bytes one token takes in a cache: 2 * num_kv_heads * head_dim *
