@@ -277,26 +277,33 @@ void ScoreRows(const float* HWY_RESTRICT q, int64_t dim_pad, const void* k_base,
   int64_t c = c0;
 #if HWY_TARGET != HWY_SCALAR
   {
+    constexpr int64_t kElemBytes = kDT == DType::kFloat32 ? 4 : kDT == DType::kInt8 ? 1 : 2;
     const hn::Full128<float> d4;
     using V4 = hn::Vec<hn::Full128<float>>;
     // Scores of keys [c, c + 4) for every row: out[r].
     auto quad = [&](int64_t c, V4* out) HWY_ATTR {
-      // The next block's rows c - c0 .. + 3, one line per row per d step.
+      // Four row pointers and one index keep the loop in registers (with
+      // the offsets recomputed per step GCC spilled them to the stack).
+      const char* krow[4];
+      HWY_UNROLL(4) for (int j = 0; j < 4; ++j)
+        krow[j] = static_cast<const char*>(k_base) + (k_off + (c + j) * k_stride) * kElemBytes;
+      // The next block's rows c - c0 .. + 3: one line of each per line of K
+      // consumed here.
       const int64_t i0 = c - c0, n_pf = pf.k == nullptr ? 0 : std::clamp<int64_t>(pf.rows - i0, 0, 4);
-      const int64_t esize = pf.row_bytes / std::max<int64_t>(dim_pad, 1);
-      const int64_t kc = k_off + c * k_stride;
+      const char* pk = pf.k + i0 * pf.stride;
+      const char* pv = pf.v + i0 * pf.stride;
       VF acc[kRows][4];
       HWY_UNROLL(4) for (int r = 0; r < kRows; ++r)
         HWY_UNROLL(4) for (int j = 0; j < 4; ++j) acc[r][j] = hn::Zero(df);
       for (int64_t d = 0; d < dim_pad; d += nf) {
-        if (n_pf > 0 && (d * esize) % 64 == 0) {
+        if (n_pf > 0 && (d * kElemBytes) % 64 == 0) {
           for (int64_t j = 0; j < n_pf; ++j) {
-            hwy::Prefetch(pf.k + (i0 + j) * pf.stride + d * esize);
-            hwy::Prefetch(pf.v + (i0 + j) * pf.stride + d * esize);
+            hwy::Prefetch(pk + j * pf.stride + d * kElemBytes);
+            hwy::Prefetch(pv + j * pf.stride + d * kElemBytes);
           }
         }
         VF kv[4];
-        HWY_UNROLL(4) for (int j = 0; j < 4; ++j) kv[j] = LoadRow<kDT>(df, k_base, kc + j * k_stride + d);
+        HWY_UNROLL(4) for (int j = 0; j < 4; ++j) kv[j] = LoadRow<kDT>(df, krow[j], d);
         HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
           const VF qv = hn::Load(df, q + r * dim_pad + d);
           HWY_UNROLL(4) for (int j = 0; j < 4; ++j) acc[r][j] = hn::MulAdd(qv, kv[j], acc[r][j]);
@@ -304,7 +311,7 @@ void ScoreRows(const float* HWY_RESTRICT q, int64_t dim_pad, const void* k_base,
       }
       HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
         out[r] = Sum4(df, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-        if (k_scale != nullptr) out[r] = hn::Mul(out[r], hn::LoadU(d4, k_scale + c));
+        if constexpr (kDT == DType::kInt8) out[r] = hn::Mul(out[r], hn::LoadU(d4, k_scale + c));
       }
     };
     // Whole vectors of keys first: their quadruples are combined in
@@ -345,7 +352,7 @@ void ScoreRows(const float* HWY_RESTRICT q, int64_t dim_pad, const void* k_base,
       HWY_UNROLL(4) for (int r = 0; r < kRows; ++r)
         acc[r] = hn::MulAdd(hn::Load(df, q + r * dim_pad + d), kv, acc[r]);
     }
-    const float sc = k_scale != nullptr ? k_scale[c] : 1.0f;
+    const float sc = kDT == DType::kInt8 ? k_scale[c] : 1.0f;
     HWY_UNROLL(4) for (int r = 0; r < kRows; ++r)
       s[r * kBc + c] = hn::GetLane(hn::SumOfLanes(df, acc[r])) * sc;
   }
