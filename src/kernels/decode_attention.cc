@@ -217,11 +217,10 @@ HWY_INLINE hn::Vec<hn::Full128<float>> FoldBlocks(D d, hn::Vec<D> v) {
   }
 }
 
-// Returns (sum(a), sum(b), sum(c), sum(e)) in 4 lanes: a transpose-and-add
-// tree, 8 shuffles and 5 adds on AVX-512 instead of 4 SumOfLanes (each 4
-// shuffles, 4 adds and a broadcast). Every target but the scalar one has
-// >= 4 float lanes.
-HWY_INLINE hn::Vec<hn::Full128<float>> Sum4(DF df, VF a, VF b, VF c, VF e) {
+// Returns, per 128-bit block, (a_b, b_b, c_b, e_b): the sums of a, b, c and
+// e over that block's lanes; summed over the blocks (FoldBlocks) they are
+// the 4 dot products. A transpose-and-add tree: 6 shuffles and 3 adds.
+HWY_INLINE VF Transpose4(DF df, VF a, VF b, VF c, VF e) {
   const hn::Repartition<double, DF> dd;
   // Per 128-bit block: (a0+a2, b0+b2, a1+a3, b1+b3), and the same for c, e.
   const VF ab = hn::Add(hn::InterleaveLower(df, a, b), hn::InterleaveUpper(df, a, b));
@@ -229,8 +228,16 @@ HWY_INLINE hn::Vec<hn::Full128<float>> Sum4(DF df, VF a, VF b, VF c, VF e) {
   // Per block: (a, b, c, e) partial sums.
   const auto lo = hn::InterleaveLower(dd, hn::BitCast(dd, ab), hn::BitCast(dd, ce));
   const auto hi = hn::InterleaveUpper(dd, hn::BitCast(dd, ab), hn::BitCast(dd, ce));
-  return FoldBlocks(df, hn::Add(hn::BitCast(df, lo), hn::BitCast(df, hi)));
+  return hn::Add(hn::BitCast(df, lo), hn::BitCast(df, hi));
 }
+
+// Returns (sum(a), sum(b), sum(c), sum(e)) in 4 lanes: 8 shuffles and 5
+// adds on AVX-512 instead of 4 SumOfLanes (each 4 shuffles, 4 adds and a
+// broadcast). Every target but the scalar one has >= 4 float lanes.
+HWY_INLINE hn::Vec<hn::Full128<float>> Sum4(DF df, VF a, VF b, VF c, VF e) {
+  return FoldBlocks(df, Transpose4(df, a, b, c, e));
+}
+
 #endif  // HWY_TARGET != HWY_SCALAR
 
 // The K and V rows of the next block, prefetched into L1 from inside the
@@ -281,7 +288,8 @@ void ScoreRows(const float* HWY_RESTRICT q, int64_t dim_pad, const void* k_base,
     const hn::Full128<float> d4;
     using V4 = hn::Vec<hn::Full128<float>>;
     // Scores of keys [c, c + 4) for every row: out[r].
-    auto quad = [&](int64_t c, V4* out) HWY_ATTR {
+    // acc[r][j] = the lanes of q_r . K_{c+j} for the 4 keys from c.
+    auto dots = [&](int64_t c, VF (&acc)[kRows][4]) HWY_ATTR {
       // Four row pointers and one index keep the loop in registers (with
       // the offsets recomputed per step GCC spilled them to the stack).
       const char* krow[4];
@@ -292,7 +300,6 @@ void ScoreRows(const float* HWY_RESTRICT q, int64_t dim_pad, const void* k_base,
       const int64_t i0 = c - c0, n_pf = pf.k == nullptr ? 0 : std::clamp<int64_t>(pf.rows - i0, 0, 4);
       const char* pk = pf.k + i0 * pf.stride;
       const char* pv = pf.v + i0 * pf.stride;
-      VF acc[kRows][4];
       HWY_UNROLL(4) for (int r = 0; r < kRows; ++r)
         HWY_UNROLL(4) for (int j = 0; j < 4; ++j) acc[r][j] = hn::Zero(df);
       for (int64_t d = 0; d < dim_pad; d += nf) {
@@ -309,32 +316,64 @@ void ScoreRows(const float* HWY_RESTRICT q, int64_t dim_pad, const void* k_base,
           HWY_UNROLL(4) for (int j = 0; j < 4; ++j) acc[r][j] = hn::MulAdd(qv, kv[j], acc[r][j]);
         }
       }
+    };
+    // Scores of keys [c, c + 4) for every row: out[r].
+    auto quad = [&](int64_t c, V4* out) HWY_ATTR {
+      VF acc[kRows][4];
+      dots(c, acc);
       HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
         out[r] = Sum4(df, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
         if constexpr (kDT == DType::kInt8) out[r] = hn::Mul(out[r], hn::LoadU(d4, k_scale + c));
       }
     };
-    // Whole vectors of keys first: their quadruples are combined in
-    // registers and stored with one full-width store per row, so the
-    // softmax's full-width loads forward from the store buffer (four 16-byte
-    // stores read back as one 64-byte load stalled ~20% of the block time).
-    constexpr int64_t kQuads = hn::MaxLanes(DF()) / 4;  // 1, 2 or 4
+    // Whole vectors of keys first, stored with one full-width store per row,
+    // so the softmax's full-width loads forward from the store buffer (four
+    // 16-byte stores read back as one 64-byte load stalled ~20% of the block
+    // time).
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+    // 16 keys at a time: the four quadruples' Transpose4 results x0..x3 are
+    // folded together, 4 block shuffles, 4 adds and a blend, where folding
+    // each alone (Sum4) and combining took 11 shuffles and 8 adds (3% of an
+    // int8 step in L3, 2K tokens). x0 and x2 are combined before x1 and x3
+    // are computed, so at most 8 vectors are live next to a quadruple's 16
+    // accumulators.
+    for (; c + 16 <= c1; c += 16) {
+      VF y02[kRows], x1[kRows], acc[kRows][4];
+      dots(c, acc);
+      HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) y02[r] = Transpose4(df, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+      dots(c + 8, acc);
+      HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
+        const VF x2 = Transpose4(df, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        y02[r] = hn::Add(hn::ConcatLowerLower(df, x2, y02[r]), hn::ConcatUpperUpper(df, x2, y02[r]));
+      }
+      dots(c + 4, acc);
+      HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) x1[r] = Transpose4(df, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+      dots(c + 12, acc);
+      HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
+        const VF x3 = Transpose4(df, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        const VF y13 = hn::Add(hn::ConcatLowerLower(df, x3, x1[r]), hn::ConcatUpperUpper(df, x3, x1[r]));
+        // As Fold16, from y02 and y13.
+        const VF p = hn::Add(y02[r], hn::SwapAdjacentBlocks(y02[r]));  // blocks x0, x0, x2, x2
+        const VF q = hn::Add(y13, hn::SwapAdjacentBlocks(y13));         // blocks x1, x1, x3, x3
+        VF out = hn::OddEvenBlocks(q, p);
+        if constexpr (kDT == DType::kInt8) out = hn::Mul(out, hn::LoadU(df, k_scale + c));
+        hn::StoreU(out, df, s + r * kBc + c);
+      }
+    }
+#else
+    constexpr int64_t kQuads = hn::MaxLanes(DF()) / 4;  // 1 or 2
     for (; c + 4 * kQuads <= c1; c += 4 * kQuads) {
       V4 out[kQuads][kRows];
       HWY_UNROLL(4) for (int64_t j = 0; j < kQuads; ++j) quad(c + 4 * j, out[j]);
       HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
-        if constexpr (kQuads == 4) {
-          const hn::Half<DF> dh;
-          hn::StoreU(hn::Combine(df, hn::Combine(dh, out[3][r], out[2][r]),
-                                 hn::Combine(dh, out[1][r], out[0][r])),
-                     df, s + r * kBc + c);
-        } else if constexpr (kQuads == 2) {
+        if constexpr (kQuads == 2) {
           hn::StoreU(hn::Combine(df, out[1][r], out[0][r]), df, s + r * kBc + c);
         } else {
           hn::StoreU(out[0][r], d4, s + r * kBc + c);
         }
       }
     }
+#endif
     for (; c + 4 <= c1; c += 4) {
       V4 out[kRows];
       quad(c, out);
