@@ -588,7 +588,7 @@ bool SoftmaxRowsUniform(float* HWY_RESTRICT s, int64_t c0, int64_t c1, float* ro
     HWY_UNROLL(4) for (int r = 0; r < kRows; ++r) {
       const VF p = hn::IfThenElseZero(in, Exp2NonPositive(df, hn::Sub(hn::Load(df, s + r * kBc + x), ms[r])));
       hn::Store(p, df, s + r * kBc + x);
-      if (pv != nullptr) hn::Store(hn::Mul(p, hn::Load(df, v_scale + x)), df, pv + r * kBc + x);
+      if (pv != nullptr) hn::Store(hn::Mul(p, hn::LoadU(df, v_scale + x)), df, pv + r * kBc + x);
       l0[r] = hn::Add(l0[r], p);
     }
   }
@@ -784,12 +784,18 @@ ItemResult RunItem(const DecodeParams& p, const DecodePlan& plan, int64_t b, int
       const void* v_base = w.v_tile.get();
       int64_t kv_off = 0, kv_stride = dim_pad;
       DType row_dtype = DType::kFloat32;
-      const float* k_scale = nullptr;
+      const float* k_scale = nullptr;  // int8 in place: the block's scales
+      const float* v_scale = w.v_scale.get();
       if (direct) {
         k_base = chunk.k, v_base = chunk.v;
         kv_off = head_off + tb * chunk.token_stride, kv_stride = chunk.token_stride;
         row_dtype = dtype;
-        if (int8) {
+        if (int8 && chunk.scale_token_stride == 1 && c0 == 0 && c1 == kBc) {
+          // A whole block of contiguous scales (KvCache's layout): read in
+          // place; the vector loads of [0, kBc) stay inside the chunk.
+          const int64_t si = tb + g * chunk.scale_head_stride;
+          k_scale = chunk.k_scale + si, v_scale = chunk.v_scale + si;
+        } else if (int8) {
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t si = (tb + c) * chunk.scale_token_stride + g * chunk.scale_head_stride;
             w.k_scale[c] = chunk.k_scale[si], w.v_scale[c] = chunk.v_scale[si];
@@ -844,11 +850,11 @@ ItemResult RunItem(const DecodeParams& p, const DecodePlan& plan, int64_t b, int
         int64_t r = 0;
         for (; r + 4 <= rows; r += 4) {
           neg_inf |= SoftmaxRowsUniform<4>(s + r * kBc, c0, c1, &w.row_max[r], &w.row_sum[r],
-                                           &w.alpha[r], w.v_scale.get(), pv ? pv + r * kBc : nullptr);
+                                           &w.alpha[r], v_scale, pv ? pv + r * kBc : nullptr);
         }
         float* ps = s + r * kBc;
         float* ppv = pv ? pv + r * kBc : nullptr;
-        const float* vs = w.v_scale.get();
+        const float* vs = v_scale;
         if (rows - r == 3) neg_inf |= SoftmaxRowsUniform<3>(ps, c0, c1, &w.row_max[r], &w.row_sum[r], &w.alpha[r], vs, ppv);
         if (rows - r == 2) neg_inf |= SoftmaxRowsUniform<2>(ps, c0, c1, &w.row_max[r], &w.row_sum[r], &w.alpha[r], vs, ppv);
         if (rows - r == 1) neg_inf |= SoftmaxRowsUniform<1>(ps, c0, c1, &w.row_max[r], &w.row_sum[r], &w.alpha[r], vs, ppv);
@@ -890,7 +896,7 @@ ItemResult RunItem(const DecodeParams& p, const DecodePlan& plan, int64_t b, int
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t t = tb + c;
             ConvertRow(chunk.v, dtype, t * chunk.token_stride + head_off,
-                       int8 ? w.v_scale[c] : 1.0f, dim, dim_pad, w.v_tile.get() + c * dim_pad);
+                       int8 ? v_scale[c] : 1.0f, dim, dim_pad, w.v_tile.get() + c * dim_pad);
           }
           v_rows = w.v_tile.get(), v_stride = dim_pad;
         }
