@@ -13,7 +13,14 @@
 //             two is what it takes: the decode kernel's time model.
 //   read:     a read-only stream over 1 GiB (vector adds) on every thread:
 //             what a kernel that only reads (decode) can reach. On this
-//             project's VM one core reads ~16 GB/s but copies ~23 GB/s.
+//             project's VM one core reads ~16 GB/s but copies ~23 GB/s
+//             (glibc's memcpy uses non-temporal stores at this size); 2, 4
+//             or 8 interleaved read streams, or software prefetch 1-8 KiB
+//             ahead, measured no faster than one plain stream.
+//   triad:    STREAM's triad a = b + s * c over 3 x 256 MiB float arrays
+//             with ordinary stores (as STREAM compiled by GCC runs), 12
+//             bytes counted per element as STREAM counts them (the write-
+//             allocate read of a is not counted).
 // Prints one JSON object. Flop counts: FMA = 2 flops per lane; SGEMM 2·M·N·K.
 #include <cblas.h>
 #include <immintrin.h>
@@ -173,6 +180,39 @@ double ReadBandwidth(int threads) {
   return best + sink * 0.0;
 }
 
+__attribute__((target("avx512f"))) void TriadAvx512(float* a, const float* b, const float* c,
+                                                     int64_t n, float s) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t i = 0; i < n; i += 16)
+    _mm512_storeu_ps(a + i, _mm512_fmadd_ps(sv, _mm512_loadu_ps(c + i), _mm512_loadu_ps(b + i)));
+}
+
+void TriadScalar(float* a, const float* b, const float* c, int64_t n, float s) {
+  for (int64_t i = 0; i < n; ++i) a[i] = b[i] + s * c[i];
+}
+
+double TriadBandwidth(int threads) {
+  const int64_t n = int64_t{1} << 26;  // 256 MiB per array
+  std::vector<float> a(n, 0.0f), b(n, 1.0f), c(n, 2.0f);
+  const int64_t part = n / threads / 16 * 16;
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  double best = 0.0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const double t0 = Seconds();
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int i = 0; i < threads; ++i) {
+      float* ai = a.data() + i * part;
+      if (avx512) {
+        TriadAvx512(ai, b.data() + i * part, c.data() + i * part, part, 3.0f);
+      } else {
+        TriadScalar(ai, b.data() + i * part, c.data() + i * part, part, 3.0f);
+      }
+    }
+    best = std::max(best, 12.0 * part * threads / (Seconds() - t0));
+  }
+  return best + a[n / 2] * 0.0;
+}
+
 // Streams `floats` floats in blocks of 4096 (16 KiB), `work` rounds of 8
 // independent FMAs after each block (stream = false: the FMAs only).
 // Returns seconds (best of 3).
@@ -251,8 +291,9 @@ int main(int argc, char** argv) {
               threads, isa, peak * 1e-9, sgemm * 1e-9, openblas_get_corename(),
               openblas_get_config());
   if (copy) {
-    std::printf(", \"copy_gbps\": %.2f, \"read_gbps\": %.2f", CopyBandwidth(threads) * 1e-9,
-                ReadBandwidth(threads) * 1e-9);
+    std::printf(", \"copy_gbps\": %.2f, \"read_gbps\": %.2f, \"triad_gbps\": %.2f",
+                CopyBandwidth(threads) * 1e-9, ReadBandwidth(threads) * 1e-9,
+                TriadBandwidth(threads) * 1e-9);
   }
   if (overlap && __builtin_cpu_supports("avx512f")) PrintOverlap();
   std::printf("}\n");
