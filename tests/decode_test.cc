@@ -57,6 +57,7 @@ struct Storage {
   enum Chunking { kOne, kRandom, kBlocks } chunking = kOne;
   int64_t block = 16;         // kBlocks: tokens per chunk
   bool head_major = false;    // [head, token, dim] per chunk instead of [token, head, dim]
+                              // (int8 scales [head, token] instead of [token, head])
   int64_t pad = 0;            // extra elements per token row (misalignment)
   int64_t dropped = 0;        // first tokens evicted (not in any chunk)
   int64_t sinks = 0;          // of the dropped range, the first `sinks` tokens are kept
@@ -174,8 +175,18 @@ SeqCache BuildCache(std::vector<double>& k, std::vector<double>& v, int64_t kv_h
     KvChunk c;
     c.k = cache.k.back().data(), c.v = cache.v.back().data();
     if (st.dtype == DType::kInt8) {
+      if (st.head_major) {  // scales [head, token] too, as KvCache stores them
+        for (auto* scales : {&cache.k_scale.back(), &cache.v_scale.back()}) {
+          std::vector<float> by_head(scales->size());
+          for (int64_t t = 0; t < count; ++t)
+            for (int64_t g = 0; g < kv_heads; ++g) by_head[g * count + t] = (*scales)[t * kv_heads + g];
+          scales->swap(by_head);
+        }
+        c.scale_token_stride = 1, c.scale_head_stride = count;
+      } else {
+        c.scale_token_stride = kv_heads, c.scale_head_stride = 1;  // quantised in (t, g) order
+      }
       c.k_scale = cache.k_scale.back().data(), c.v_scale = cache.v_scale.back().data();
-      c.scale_token_stride = kv_heads, c.scale_head_stride = 1;  // quantised in (t, g) order
     }
     c.count = count, c.first_position = first;
     c.token_stride = token_stride, c.head_stride = head_stride;
