@@ -339,6 +339,12 @@ TEST(DecodeTest, GroupedAndMultiQuery) {
     SCOPED_TRACE("heads " + std::to_string(heads) + "/" + std::to_string(kv_heads));
     for (int64_t seq_q : {1, 3}) {
       ExpectMatches(MakeProblem({300}, heads, kv_heads, seq_q, 64, -1, {{}}, 30 + seq_q), 128);
+      // int8 in place (KvCache's head-major layout): a row count that is not
+      // a multiple of 4 takes the 3-, 2- or 1-row softmax and P.V tiles.
+      Storage st;
+      st.dtype = DType::kInt8, st.head_major = true;
+      ExpectMatches(MakeProblem({300}, heads, kv_heads, seq_q, 64, -1, {st}, 40 + seq_q), 128,
+                    /*all_targets=*/false);
     }
   }
 }
