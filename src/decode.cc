@@ -26,17 +26,24 @@ using internal::DecodePlan;
 using internal::kMaxDim;
 using internal::S;
 
-// Default split: 512 cached tokens. Measured (B = 1, 32 q heads, 8 KV heads,
-// head_dim 128, token-major cache, 1 thread, ms per step):
-//   split           256    512   1024
-//   16K float32    15.9   17.1   21.5
-//   64K float32    64.6   67.5   70.8
-//   64K int8       45.7   41.2   39.5
-// (+-10% run to run on the shared 2-core machine). A split's fixed cost is
-// packing Q and writing R partials; smaller splits give the threads more
-// items (16K / 512 x 8 heads = 256) and cost partials memory, q's size per
-// split. 512 sits in the middle for both dtypes.
-constexpr int64_t kDefaultSplitTokens = 512;
+// Default split: 2048 cached tokens. Measured (B = 1, 32 q heads, 8 KV
+// heads, head_dim 128, KvCache's head-major layout; ms per step, the
+// fastest of 3 interleaved runs of 10-step medians; 2-thread rows swing
+// +-10% on the shared 2-core machine):
+//   split                 512    2048   4096
+//   16K float32 1 thr    12.1    11.7   12.1
+//   16K int8    1 thr     3.61    3.46   3.45
+//   64K float32 1 thr    44.2    46.4   44.9
+//   64K int8    1 thr    18.1    17.0   16.9
+//   64K float32 2 thr    23.4    26.0   26.3
+//   64K int8    2 thr     9.2     9.5    9.8
+// A split's fixed cost is packing Q, writing R partials and its first
+// block, which nothing prefetches (the kernel prefetches the next block of
+// the same item): int8, whose blocks are 4x shorter in time, pays it most.
+// Smaller splits give the threads more items (16K / 2048 x 8 heads = 64)
+// and cost partials memory, q's size per split. (512, measured on the
+// token-major layout of the first version, was 6% slower for int8 at 64K.)
+constexpr int64_t kDefaultSplitTokens = 2048;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 bool IsCacheDType(DType d) {

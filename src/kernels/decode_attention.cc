@@ -18,15 +18,19 @@
 //      (lo_r = 0 without a window); in block coordinates [a_r, e_r); the
 //      union [c0, c1) is what is read; an empty union skips the block, and
 //      a split that misses every row's range is skipped before Q is packed.
-//   1. s_rc = Q'_r . K_c for every row and c in [c0, c1), Q' = scale * Q
-//      packed once per item (head_dim in SIMD lanes). Tiles of 4 rows x 4
-//      keys: each K load (and its dtype conversion) serves 4 rows, each Q
-//      load 4 keys, and the 16 dot products are reduced by a transpose-add
-//      tree (Sum4) instead of 16 horizontal sums; int8 scales multiply the
-//      4 sums. Meanwhile the next block's K/V rows are prefetched.
-//   2. online softmax per row over [a_r, e_r):
-//        m_new = max(m_old, max_c s_rc),  alpha = exp(m_old - m_new)
-//        p_rc  = exp(s_rc - m_new),       l = alpha * l + sum_c p_rc
+//   1. s_rc = Q'_r . K_c for every row and c in [c0, c1), Q' = scale *
+//      log2(e) * Q packed once per item (head_dim in SIMD lanes; scores in
+//      base 2, as in the flash kernel). Tiles of 4 rows x 4 keys: each K
+//      load (and its dtype conversion) serves 4 rows, each Q load 4 keys,
+//      and the dot products are reduced by a transpose-add tree (Sum4; on
+//      AVX-512 the trees of 16 keys are folded together) instead of
+//      horizontal sums; int8 scales multiply the sums. Meanwhile the next
+//      block's K/V rows are prefetched.
+//   2. online softmax per row over [a_r, e_r), with 2^t (Exp2NonPositive):
+//        m_new = max(m_old, max_c s_rc),  alpha = 2^(m_old - m_new)
+//        p_rc  = 2^(s_rc - m_new),        l = alpha * l + sum_c p_rc
+//      When every row attends all of [c0, c1) (the usual block) the rows
+//      run together (SoftmaxRowsUniform), else one by one (SoftmaxRow).
 //   3. acc_r = alpha * acc_r + sum_c p_rc V_c (int8: p_rc * v_scale_c), 4
 //      rows x 4 vectors per V load. A block where rows attend different
 //      ranges (the diagonal of seq_q > 1, a window edge) or with a -inf
@@ -51,9 +55,15 @@
 // stores lanes and reloads them: a failed store forward, 15% of the
 // kernel), the head-major cache layout gave 1.2x, and spreading the next
 // block's prefetches through the FMAs (RowPrefetcher) 62 -> 45 ms, the one
-// change that made the stream and the arithmetic overlap. float32 69 -> 45
-// ms and int8 43 -> 20 ms per step in all; int8 is now bound by its
-// arithmetic (two conversion uops per 16 values on the FMA ports).
+// change that made the stream and the arithmetic overlap (no prefetch: 61
+// ms float32, 23.6 ms int8; prefetching 2-8 blocks ahead, into L2 only, a
+// whole quadruple's rows at once, or V during P.V instead of during the
+// scores all measured slower). An item's first block is not prefetched:
+// hence the 2048-token default split (decode.cc). int8 does ~75 cycles of
+// arithmetic per (token, KV head) with its data in L3, against ~58 cycles
+// of FMA-port uops by our count (two conversion uops per 16 values share
+// the FMA ports; reductions and softmax take the rest), and ~20% more
+// when it streams from DRAM.
 //
 // Edge cases:
 //   * Tokens outside a row's range never meet the row: scores, exps and
@@ -66,8 +76,9 @@
 //   * While m is -inf (no finite score yet) 0 is subtracted instead, so
 //     exp(-inf - -inf) never happens; a row with no attended key keeps l = 0
 //     and writes lse = -inf: the merge ignores it, zeros if all are -inf.
-//   * hn::Exp returns 0 for NaN; ExpOrNan restores NaN, so an attended NaN
-//     score makes its row NaN like std::exp does (as the flash kernel).
+//   * Exp2NonPositive returns NaN for NaN, so an attended NaN score makes
+//     its row NaN like std::exp does (as the flash kernel). Scores are in
+//     base 2: a dot product above FLT_MAX / log2(e) overflows to inf.
 #include "kernels/decode_attention.h"
 
 #include <omp.h>
@@ -536,8 +547,9 @@ void SoftmaxRow(float* HWY_RESTRICT s, int64_t c0, int64_t c1, int64_t a, int64_
 // does not fill, and the kRows alphas come from one vector Exp instead of a
 // std::exp call each. pv (int8 in place; null otherwise) also receives p
 // times V's scale, the weights PvRows multiplies. Returns whether a score in
-// [c0, c1) is -inf. Measured (1 thread, int8, 2K tokens in L2): the
-// row-at-a-time SoftmaxRow took 14 of the ~85 cycles per (token, KV head).
+// [c0, c1) is -inf. Measured (1 thread, int8, 2K tokens, in L3): the
+// row-at-a-time SoftmaxRow took 14 of the ~85 cycles per (token, KV head),
+// this ~6 (with Exp2NonPositive).
 template <int kRows>
 bool SoftmaxRowsUniform(float* HWY_RESTRICT s, int64_t c0, int64_t c1, float* row_max,
                         float* row_sum, float* alpha_out, const float* HWY_RESTRICT v_scale,
