@@ -119,7 +119,6 @@ struct DecodeTraits {
 #include "hwy/aligned_allocator.h"
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
-#include "hwy/contrib/math/math-inl.h"
 #include "kernels/exp2-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -134,9 +133,6 @@ using DI = hn::RebindToSigned<DF>;
 using VF = hn::Vec<DF>;
 constexpr int64_t kBc = DecodeTraits::kBlockKV;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-constexpr double kLog2E = 1.4426950408889634;  // log2(e): scores in base 2
-constexpr double kLn2 = 0.6931471805599453;    // ln(2): lse back to base e
 
 float LoadQ(const void* base, DType dtype, int64_t offset) {
   switch (dtype) {
@@ -937,7 +933,7 @@ ItemResult RunItem(const DecodeParams& p, const DecodePlan& plan, int64_t b, int
     const float* acc = w.acc.get() + r * dim_pad;
     float* out = part_out + idx * dim;
     for (int64_t d = 0; d < dim; ++d) out[d] = acc[d] / l;
-    part_lse[idx] = static_cast<float>((double{w.row_max[r]} + std::log2(double{l})) * kLn2);
+    part_lse[idx] = LseFromBase2(w.row_max[r], l);
   }
   return result;
 }

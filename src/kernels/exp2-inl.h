@@ -1,4 +1,5 @@
 // Exp2NonPositive, the softmax exponential of the flash and decode kernels,
+// with their base-2 constants and lse conversion,
 // for every Highway target. Included by a file that includes
 // hwy/foreach_target.h and hwy/highway.h, once per target (Highway's -inl.h
 // convention: the include guard toggles per target).
@@ -9,11 +10,24 @@
 #define QKV_SRC_KERNELS_EXP2_INL_H_
 #endif
 
+#include <cmath>
+
 #include "hwy/highway.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace qkv::internal::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
+
+// Both kernels keep scores in base 2: log2(e) is folded into Q', and the
+// lse goes back to base e at the end.
+constexpr double kLog2E = 1.4426950408889634;  // log2(e)
+constexpr double kLn2 = 0.6931471805599453;    // ln(2)
+
+// The natural-log lse of a row from its base-2 running max m and sum l > 0:
+// ln(sum_c e^s_c) = (m + log2 l) ln 2, computed in double, rounded once.
+inline float LseFromBase2(float m, float l) {
+  return static_cast<float>((double{m} + std::log2(double{l})) * kLn2);
+}
 
 // Returns 2^t per lane for t <= 0 (every softmax argument: s - m_new and
 // m_old - m_new), 0 for t = -inf or t < -126.5, NaN for NaN; within 2 ULP of

@@ -152,7 +152,6 @@ struct FlashLayout {
 #define HWY_TARGET_INCLUDE "kernels/flash_attention.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "hwy/contrib/math/math-inl.h"
 #include "kernels/exp2-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -184,8 +183,6 @@ constexpr int kMaxVecs = 2;
 // of a 64-key block takes a 4-key tile, then 1-key tiles.
 constexpr int kTileKeys = kMaxVecs == 4 ? 6 : 4;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr double kLog2E = 1.4426950408889634;  // log2(e): scores in base 2
-constexpr double kLn2 = 0.6931471805599453;    // ln(2): lse back to base e
 
 float LoadAsFloat(const void* base, DType dtype, int64_t offset) {
   switch (dtype) {
@@ -718,7 +715,7 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, std::atomic<int
       }
       if (p.lse.present()) {
         StoreFromFloat(p.lse.data, p.lse.dtype, p.lse.Offset(b, h, i, 0),
-                       empty ? -kInf : static_cast<float>((double{row_max[r]} + std::log2(double{l})) * kLn2));
+                       empty ? -kInf : LseFromBase2(row_max[r], l));
       }
     }
   }
