@@ -79,27 +79,39 @@ def qkv_bench(build, n, d, heads, causal, threads, repeat, kernel="auto"):
     return json.loads(subprocess.check_output(cmd)), " ".join(cmd[1:])
 
 
-def decode_rows(build, threads, lengths, repeat, runs=3):
-    """qkv bench --decode rows: B=1, 32 query heads, 8 KV heads, head_dim 128.
+def decode_rows(build, thread_counts, lengths, repeat, runs):
+    """qkv bench --decode results: B=1, 32 query heads, 8 KV heads, head_dim 128.
 
-    Each row is the fastest of `runs` runs (each the median of its steps),
-    float32 and int8 interleaved, as STREAM reports its best rate: a
-    neighbour on a shared machine slows some runs by 10-25 % for minutes,
-    and a ratio of two rows taken minutes apart would carry that."""
-    rows = []
+    Returns {(threads, n, dtype): result}, each the fastest of `runs` runs
+    (each the median of its steps), as STREAM reports its best rate. Every
+    round runs each (dtype, threads) pair of a length back to back, so the
+    int8 / float32 and 2-thread / 1-thread ratios compare runs seconds
+    apart: a neighbour on a shared machine slows some runs by 10-25 % for
+    minutes, and a ratio of two rows taken minutes apart would carry that.
+    Also returns every run's median, for the spread of the ratios."""
+    best, all_runs = {}, {}
     for n in lengths:
         steps = max(repeat, min(200, 262144 // n))
-        best = {}
         for _ in range(runs):
-            for dtype in ("f32", "i8"):
-                cmd = [os.path.join(build, "qkv"), "bench", "--decode", "--cache-len", str(n),
-                       "--cache-dtype", dtype, "--threads", str(threads), "--repeat", str(steps),
-                       "--json"]
-                r = json.loads(subprocess.check_output(cmd))
-                if dtype not in best or r["median_s"] < best[dtype]["median_s"]:
-                    best[dtype] = r
-        rows += [best["f32"], best["i8"]]
-    return rows
+            for t in thread_counts:
+                for dtype in ("f32", "i8"):
+                    cmd = [os.path.join(build, "qkv"), "bench", "--decode", "--cache-len", str(n),
+                           "--cache-dtype", dtype, "--threads", str(t), "--repeat", str(steps),
+                           "--json"]
+                    r = json.loads(subprocess.check_output(cmd))
+                    key = (t, n, dtype)
+                    all_runs.setdefault(key, []).append(r["median_s"])
+                    if key not in best or r["median_s"] < best[key]["median_s"]:
+                        best[key] = r
+            print(n, {k: f"{v[-1] * 1e3:.2f}" for k, v in all_runs.items() if k[1] == n},
+                  file=sys.stderr, flush=True)
+    return best, all_runs
+
+
+def bandwidths(build, t, env):
+    bw = json.loads(subprocess.check_output(
+        [os.path.join(build, "qkv_roofline"), "--threads", str(t), "--copy"], env=env))
+    return {k: bw[k] for k in ("copy_gbps", "read_gbps", "triad_gbps")}
 
 
 def cpu_name():
@@ -125,6 +137,8 @@ def main():
                     help="largest N for PyTorch's math path (its score matrix is H*N^2*4 bytes, twice)")
     ap.add_argument("--decode-lengths", default="1024,4096,16384,65536,131072",
                     help="cache lengths for the decode table (empty: no decode table)")
+    ap.add_argument("--decode-runs", type=int, default=5,
+                    help="rounds per decode length; each row is the fastest round")
     ap.add_argument("--prefill", default="yes", help="no: skip the prefill table")
     ap.add_argument("--write", default="", help="replace the table between the markers in this file")
     a = ap.parse_args()
@@ -179,33 +193,65 @@ def main():
                 f"{ratio} | {q['peak_rss_bytes'] / 2**20:.0f} MiB |")
         out("")
     if a.decode_lengths:
+        threads = [int(x) for x in a.threads.split(",")]
+        lengths = [int(x) for x in a.decode_lengths.split(",")]
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+        # The references before and after the rows, the higher kept (as the FMA peak).
+        bw = {t: bandwidths(a.build, t, env) for t in threads}
+        best, all_runs = decode_rows(a.build, threads, lengths, max(a.repeat, 5), a.decode_runs)
+        for t in threads:
+            after = bandwidths(a.build, t, env)
+            bw[t] = {k: max(v, after[k]) for k, v in bw[t].items()}
         out("**Decode** (one step, B = 1, 32 query heads, 8 KV heads, head_dim 128, contiguous cache; "
-            "each row the fastest of 3 interleaved runs of median steps; "
+            f"each row the fastest of {a.decode_runs} runs of median steps, every round running each "
+            "dtype and thread count of a length back to back; "
             "GB/s = K/V bytes read / median time; copy = memcpy on the same threads, read + write "
             "bytes / time; triad = STREAM's triad a = b + s c with ordinary stores, 12 bytes per "
-            "element as STREAM counts; read = a read-only stream on the same threads):")
+            "element as STREAM counts; read = a read-only stream on the same threads; each the higher "
+            "of a measurement before and one after the rows):")
         out("")
         out("| threads | copy GB/s | triad GB/s | read GB/s | cache tokens | f32 us/token | f32 GB/s "
             "| f32 % of copy | f32 % of triad | f32 % of read | i8 us/token | i8 GB/s "
             "| i8 speedup over f32 |")
         out("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for t in [int(x) for x in a.threads.split(",")]:
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-            bw = json.loads(subprocess.check_output(
-                [os.path.join(a.build, "qkv_roofline"), "--threads", str(t), "--copy"],
-                env=env))
-            copy, read, triad = bw["copy_gbps"], bw["read_gbps"], bw["triad_gbps"]
-            rows = decode_rows(a.build, t, [int(x) for x in a.decode_lengths.split(",")],
-                               max(a.repeat, 5))
-            for f32, i8 in zip(rows[0::2], rows[1::2]):
+        for t in threads:
+            copy, read, triad = bw[t]["copy_gbps"], bw[t]["read_gbps"], bw[t]["triad_gbps"]
+            for n in lengths:
+                f32, i8 = best[(t, n, "f32")], best[(t, n, "i8")]
                 out(f"| {t} | {copy:.1f} | {triad:.1f} | {read:.1f} | {f32['cache_len']} | "
                     f"{f32['median_s'] * 1e6:.0f} | {f32['gbps']:.1f} | "
                     f"{100 * f32['gbps'] / copy:.0f}% | {100 * f32['gbps'] / triad:.0f}% | "
                     f"{100 * f32['gbps'] / read:.0f}% | "
                     f"{i8['median_s'] * 1e6:.0f} | {i8['gbps']:.1f} | "
                     f"{f32['median_s'] / i8['median_s']:.2f}x |")
-                print(lines[-1], file=sys.stderr, flush=True)
+        # The same ratios round by round: how far the neighbours move them.
+        def spread(values):
+            v = sorted(values)
+            return f"{v[len(v) // 2]:.2f} ({v[0]:.2f}-{v[-1]:.2f})"
+        out("")
+        out("Ratios round by round (median, and range over the rounds, of ratios of runs made seconds "
+            "apart):")
+        out("")
+        if len(threads) > 1:
+            t0, t1 = threads[0], threads[-1]
+            out(f"| cache tokens | i8 speedup, {t0} thread(s) | i8 speedup, {t1} threads "
+                f"| f32 {t1}T / {t0}T | i8 {t1}T / {t0}T | read stream {t1}T / {t0}T |")
+            out("|---|---|---|---|---|---|")
+        else:
+            t0 = t1 = threads[0]
+            out(f"| cache tokens | i8 speedup, {t0} thread(s) |")
+            out("|---|---|")
+        for n in lengths:
+            def ratios(num, den):
+                return [x / y for x, y in zip(all_runs[num], all_runs[den])]
+            cells = [spread(ratios((t0, n, "f32"), (t0, n, "i8")))]
+            if t1 != t0:
+                cells.append(spread(ratios((t1, n, "f32"), (t1, n, "i8"))))
+                cells.append(spread(ratios((t0, n, "f32"), (t1, n, "f32"))))
+                cells.append(spread(ratios((t0, n, "i8"), (t1, n, "i8"))))
+                cells.append(f"{bw[t1]['read_gbps'] / bw[t0]['read_gbps']:.2f}")
+            out(f"| {n} | " + " | ".join(cells) + " |")
         out("")
         ov = json.loads(subprocess.check_output(
             [os.path.join(a.build, "qkv_roofline"), "--threads", "1", "--overlap"], env=env))
