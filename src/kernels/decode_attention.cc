@@ -59,11 +59,14 @@
 // ms float32, 23.6 ms int8; prefetching 2-8 blocks ahead, into L2 only, a
 // whole quadruple's rows at once, or V during P.V instead of during the
 // scores all measured slower). An item's first block is not prefetched:
-// hence the 2048-token default split (decode.cc). int8 does ~75 cycles of
-// arithmetic per (token, KV head) with its data in L3, against ~58 cycles
-// of FMA-port uops by our count (two conversion uops per 16 values share
-// the FMA ports; reductions and softmax take the rest), and ~20% more
-// when it streams from DRAM.
+// hence the 2048-token default split (decode.cc). int8 does ~70 cycles of
+// arithmetic per (token, KV head) with its data in L2/L3 (16K tokens, at
+// the 2.73 GHz the FMA peak implies), against ~59 cycles of FMA-port uops
+// by our count (two conversion uops and 4 FMAs per 16 K or V values: 48;
+// reductions and softmax: ~11), and ~88 when it streams from DRAM. Fewer
+// would take integer dot products (vpdpbusd runs at the FMA rate here with
+// 4x the products), which need K in token-interleaved tiles: see
+// BENCHMARKS.md.
 //
 // Edge cases:
 //   * Tokens outside a row's range never meet the row: scores, exps and
