@@ -124,34 +124,26 @@ __attribute__((target("avx512f,avx512vnni"))) double VnniLoop(int64_t iters) {
   return lanes[0] * 1e-30 + 12.0 * static_cast<double>(iters);  // instructions
 }
 
-// Best of 5 runs of VnniLoop on `threads` threads, in instructions/s.
-double VnniRate(int threads) {
+// Best of 5 runs of `loop` on every one of `threads` threads: the sum of the
+// counts it returns (flops, instructions) per second.
+double BestRate(int threads, double (*loop)(int64_t)) {
   const int64_t iters = 50'000'000;
   double best = 0.0;
   for (int rep = 0; rep < 5; ++rep) {
-    double instr = 0.0;
+    double count = 0.0;
     const double t0 = Seconds();
-#pragma omp parallel num_threads(threads) reduction(+ : instr)
-    instr += VnniLoop(iters);
-    best = std::max(best, instr / (Seconds() - t0));
+#pragma omp parallel num_threads(threads) reduction(+ : count)
+    count += loop(iters);
+    best = std::max(best, count / (Seconds() - t0));
   }
   return best;
 }
 
-// Returns the best of 5 runs of the FMA loop on `threads` threads, in flop/s.
+// The FMA loop's best rate on `threads` threads, in flop/s.
 double FmaPeak(int threads, const char** isa) {
   const bool avx512 = __builtin_cpu_supports("avx512f");
   *isa = avx512 ? "avx512" : "avx2";
-  const int64_t iters = 50'000'000;
-  double best = 0.0;
-  for (int rep = 0; rep < 5; ++rep) {
-    double flops = 0.0;
-    const double t0 = Seconds();
-#pragma omp parallel num_threads(threads) reduction(+ : flops)
-    flops += avx512 ? FmaLoopAvx512(iters) : FmaLoopAvx2(iters);
-    best = std::max(best, flops / (Seconds() - t0));
-  }
-  return best;
+  return BestRate(threads, avx512 ? FmaLoopAvx512 : FmaLoopAvx2);
 }
 
 double SgemmRate(int threads) {
@@ -348,7 +340,7 @@ int main(int argc, char** argv) {
     // One FMA instruction is 32 flops (16 lanes x 2); one vpdpbusd is 64
     // multiply-adds.
     std::printf(", \"fma_instr_per_ns\": %.3f, \"vpdpbusd_instr_per_ns\": %.3f", peak / 32 * 1e-9,
-                VnniRate(threads) * 1e-9);
+                BestRate(threads, VnniLoop) * 1e-9);
   }
   std::printf("}\n");
   return 0;
