@@ -59,7 +59,9 @@ KvCacheConfig MakeConfig(const DecodeFlags& f, int64_t tokens) {
   } else if (f.cache == "paged") {
     c.kind = CacheKind::kPaged;
     c.block_size = f.block_size;
-    c.num_blocks = (tokens + f.block_size - 1) / f.block_size;
+    // A block_size below 1 is KvCache's to reject (with its message); no
+    // division by it here.
+    c.num_blocks = f.block_size >= 1 ? (tokens + f.block_size - 1) / f.block_size : 1;
   } else {
     c.capacity = tokens;
   }

@@ -814,6 +814,12 @@ TEST_F(CliTest, MemoryDecodeAndDecodeBench) {
     EXPECT_NE(b.out.find(key), std::string::npos) << key << " missing in " << b.out;
   }
   ExpectUsageError({"decode", "--heads", "6", "--kv-heads", "4"}, "--kv-heads");
+  // Cache settings reach KvCache's validation (block size 0 once divided by zero here).
+  for (const char* bs : {"0", "-3"}) {
+    ExpectUsageError({"decode", "--cache", "paged", "--block-size", bs}, "block_size");
+  }
+  ExpectUsageError({"decode", "--cache", "sliding", "--window", "0"}, "window");
+  ExpectUsageError({"decode", "--cache", "sinks", "--sinks", "-1"}, "num_sinks");
   ExpectUsageError({"bench", "--decode"}, "--cache-len");
   ExpectUsageError({"bench", "--cache-len", "10"}, "--decode");
   ExpectUsageError({"memory", "--kv-heads", "3", "--heads", "32", "--head-dim", "64", "--seq", "8"}, "kv-heads");
