@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -142,6 +143,9 @@ def main():
     ap.add_argument("--prefill", default="yes", help="no: skip the prefill table")
     ap.add_argument("--write", default="", help="replace the table between the markers in this file")
     a = ap.parse_args()
+    if a.decode_runs < 1:
+        print(f"compare.py: --decode-runs {a.decode_runs} (expected >= 1)", file=sys.stderr)
+        sys.exit(2)
     lines = []
     out = lines.append
     out(f"Machine: {cpu_name()}, {os.cpu_count()} cores; date {datetime.date.today()}; "
@@ -227,8 +231,7 @@ def main():
                     f"{f32['median_s'] / i8['median_s']:.2f}x |")
         # The same ratios round by round: how far the neighbours move them.
         def spread(values):
-            v = sorted(values)
-            return f"{v[len(v) // 2]:.2f} ({v[0]:.2f}-{v[-1]:.2f})"
+            return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
         out("")
         out("Ratios round by round (median, and range over the rounds, of ratios of runs made seconds "
             "apart):")

@@ -336,7 +336,9 @@ int main(int argc, char** argv) {
                 TriadBandwidth(threads) * 1e-9);
   }
   if (overlap && __builtin_cpu_supports("avx512f")) PrintOverlap();
-  if (vnni && __builtin_cpu_supports("avx512vnni")) {
+  if (vnni && !__builtin_cpu_supports("avx512vnni")) {
+    std::printf(", \"vpdpbusd_instr_per_ns\": null, \"vnni\": \"not supported by this CPU\"");
+  } else if (vnni) {
     // One FMA instruction is 32 flops (16 lanes x 2); one vpdpbusd is 64
     // multiply-adds.
     std::printf(", \"fma_instr_per_ns\": %.3f, \"vpdpbusd_instr_per_ns\": %.3f", peak / 32 * 1e-9,
