@@ -22,29 +22,36 @@ using internal::IsFloat;
 using internal::Problem;
 using internal::S;
 
-Problem Validate(const AttentionParams& p) {
-  CheckTensor("q", p.q.shape, p.q.strides, p.q.present(), p.q.dtype, false);
-  CheckTensor("k", p.k.shape, p.k.strides, p.k.present(), p.k.dtype, false);
-  CheckTensor("v", p.v.shape, p.v.strides, p.v.present(), p.v.dtype, false);
-  CheckTensor("out", p.out.shape, p.out.strides, p.out.present(), p.out.dtype, true);
+using internal::CheckScratch;
+
+}  // namespace
+
+namespace internal {
+
+Problem ValidateInputs(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const MaskSpec& mask, const std::optional<double>& scale,
+                       int num_threads) {
+  CheckTensor("q", q.shape, q.strides, q.present(), q.dtype, false);
+  CheckTensor("k", k.shape, k.strides, k.present(), k.dtype, false);
+  CheckTensor("v", v.shape, v.strides, v.present(), v.dtype, false);
   Problem pr;
-  pr.batch = p.q.shape[0];
-  pr.num_q_heads = p.q.shape[1];
-  pr.seq_q = p.q.shape[2];
-  pr.head_dim = p.q.shape[3];
-  pr.num_kv_heads = p.k.shape[1];
-  pr.seq_kv = p.k.shape[2];
-  pr.head_dim_v = p.v.shape[3];
-  if (p.k.shape[0] != pr.batch || p.v.shape[0] != pr.batch) {
-    throw Error("k, v: batch " + S(p.k.shape[0]) + ", " + S(p.v.shape[0]) +
+  pr.batch = q.shape[0];
+  pr.num_q_heads = q.shape[1];
+  pr.seq_q = q.shape[2];
+  pr.head_dim = q.shape[3];
+  pr.num_kv_heads = k.shape[1];
+  pr.seq_kv = k.shape[2];
+  pr.head_dim_v = v.shape[3];
+  if (k.shape[0] != pr.batch || v.shape[0] != pr.batch) {
+    throw Error("k, v: batch " + S(k.shape[0]) + ", " + S(v.shape[0]) +
                 " (expected q's batch " + S(pr.batch) + ")");
   }
-  if (p.k.shape[3] != pr.head_dim) {
-    throw Error("k: head_dim " + S(p.k.shape[3]) + " (expected q's head_dim " +
+  if (k.shape[3] != pr.head_dim) {
+    throw Error("k: head_dim " + S(k.shape[3]) + " (expected q's head_dim " +
                 S(pr.head_dim) + ")");
   }
-  if (p.v.shape[1] != pr.num_kv_heads || p.v.shape[2] != pr.seq_kv) {
-    throw Error("v: shape " + ShapeString(p.v.shape) + " (expected num_kv_heads " +
+  if (v.shape[1] != pr.num_kv_heads || v.shape[2] != pr.seq_kv) {
+    throw Error("v: shape " + ShapeString(v.shape) + " (expected num_kv_heads " +
                 S(pr.num_kv_heads) + " and seq_kv " + S(pr.seq_kv) + " as in k)");
   }
   if (pr.num_kv_heads == 0 ? pr.num_q_heads != 0 : pr.num_q_heads % pr.num_kv_heads != 0) {
@@ -53,20 +60,7 @@ Problem Validate(const AttentionParams& p) {
                 " (expected a divisor: MHA equal, GQA a divisor, MQA 1)");
   }
   pr.group_size = pr.num_kv_heads == 0 ? 1 : pr.num_q_heads / pr.num_kv_heads;
-  CheckShape("out", p.out.shape, {pr.batch, pr.num_q_heads, pr.seq_q, pr.head_dim_v},
-             "[batch, num_q_heads, seq_q, head_dim_v]");
-  if (p.lse.present()) {
-    CheckTensor("lse", p.lse.shape, p.lse.strides, true, p.lse.dtype, true);
-    CheckShape("lse", p.lse.shape, {pr.batch, pr.num_q_heads, pr.seq_q, 1},
-               "[batch, num_q_heads, seq_q, 1]");
-  }
-  if (p.weights.present()) {
-    CheckTensor("weights", p.weights.shape, p.weights.strides, true, p.weights.dtype, true);
-    CheckShape("weights", p.weights.shape, {pr.batch, pr.num_q_heads, pr.seq_q, pr.seq_kv},
-               "[batch, num_q_heads, seq_q, seq_kv]");
-  }
-
-  const MaskSpec& m = p.mask;
+  const MaskSpec& m = mask;
   if (m.window_left < -1 || m.window_right < -1) {
     throw Error("window: (" + S(m.window_left) + ", " + S(m.window_right) +
                 ") (expected each side >= 0, or -1 for unbounded)");
@@ -97,18 +91,17 @@ Problem Validate(const AttentionParams& p) {
       }
     }
   }
-  pr.scale = p.scale.value_or(DefaultScale(pr.head_dim));
+  pr.scale = scale.value_or(DefaultScale(pr.head_dim));
   if (!std::isfinite(pr.scale)) {
     throw Error("scale: " + std::to_string(pr.scale) + " (expected a finite number)");
   }
-  internal::CheckThreads(p.num_threads);
-  pr.threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+  internal::CheckThreads(num_threads);
+  pr.threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   return pr;
 }
 
-// Refuses a kernel whose scratch would exceed this machine's physical
-// memory (e.g. a [64, seq_kv] score block with seq_kv = 2^40 from zero-sized
-// head dims): an error, not an unbounded allocation.
+// E.g. a [64, seq_kv] score block with seq_kv = 2^40 from zero-sized head
+// dims.
 void CheckScratch(const AttentionInfo& info) {
   const double physical =
       static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
@@ -117,6 +110,28 @@ void CheckScratch(const AttentionInfo& info) {
                 std::to_string(info.scratch_bytes) + " bytes of scratch (expected at most the " +
                 std::to_string(static_cast<int64_t>(physical)) + " bytes of this machine's memory)");
   }
+}
+
+}  // namespace internal
+
+namespace {
+
+Problem Validate(const AttentionParams& p) {
+  Problem pr = internal::ValidateInputs(p.q, p.k, p.v, p.mask, p.scale, p.num_threads);
+  CheckTensor("out", p.out.shape, p.out.strides, p.out.present(), p.out.dtype, true);
+  CheckShape("out", p.out.shape, {pr.batch, pr.num_q_heads, pr.seq_q, pr.head_dim_v},
+             "[batch, num_q_heads, seq_q, head_dim_v]");
+  if (p.lse.present()) {
+    CheckTensor("lse", p.lse.shape, p.lse.strides, true, p.lse.dtype, true);
+    CheckShape("lse", p.lse.shape, {pr.batch, pr.num_q_heads, pr.seq_q, 1},
+               "[batch, num_q_heads, seq_q, 1]");
+  }
+  if (p.weights.present()) {
+    CheckTensor("weights", p.weights.shape, p.weights.strides, true, p.weights.dtype, true);
+    CheckShape("weights", p.weights.shape, {pr.batch, pr.num_q_heads, pr.seq_q, pr.seq_kv},
+               "[batch, num_q_heads, seq_q, seq_kv]");
+  }
+  return pr;
 }
 
 // Picks the kernel and says why. Weights and float64 accumulation exist

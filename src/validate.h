@@ -1,11 +1,15 @@
 // Internal: argument checks shared by the public entry points (attention.cc,
-// decode.cc). Each throws qkv::Error "<name>: <problem> (expected ...)".
+// attention_backward.cc, decode.cc). Each throws qkv::Error
+// "<name>: <problem> (expected ...)".
 #ifndef QKV_SRC_VALIDATE_H_
 #define QKV_SRC_VALIDATE_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
+#include "problem.h"
+#include "qkv/attention.h"
 #include "qkv/tensor.h"
 
 namespace qkv::internal {
@@ -33,6 +37,17 @@ void CheckShape(const char* name, const Shape4& got, const Shape4& expected, con
 
 // Checks 0 <= num_threads <= kMaxThreads.
 void CheckThreads(int num_threads);
+
+// Checks q, k, v, the mask, the scale and the thread count of an attention
+// call (forward or backward) and returns the resolved problem
+// (attention.cc).
+Problem ValidateInputs(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const MaskSpec& mask, const std::optional<double>& scale,
+                       int num_threads);
+
+// Refuses a kernel whose scratch would exceed this machine's physical
+// memory: an error, not an unbounded allocation (attention.cc).
+void CheckScratch(const AttentionInfo& info);
 
 }  // namespace qkv::internal
 

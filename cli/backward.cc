@@ -1,0 +1,2 @@
+// PLACEHOLDER: qkv backward (being written).
+#include "commands.h"
