@@ -152,6 +152,7 @@ struct FlashLayout {
 #define HWY_TARGET_INCLUDE "kernels/flash_attention.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
+#include "kernels/convert-inl.h"
 #include "kernels/exp2-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -183,59 +184,6 @@ constexpr int kMaxVecs = 2;
 // of a 64-key block takes a 4-key tile, then 1-key tiles.
 constexpr int kTileKeys = kMaxVecs == 4 ? 6 : 4;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-float LoadAsFloat(const void* base, DType dtype, int64_t offset) {
-  switch (dtype) {
-    case DType::kFloat32: return static_cast<const float*>(base)[offset];
-    case DType::kFloat64: return static_cast<float>(static_cast<const double*>(base)[offset]);
-    case DType::kFloat16: return HalfToFloat(static_cast<const uint16_t*>(base)[offset]);
-    default: return 0.0f;  // excluded by validation
-  }
-}
-
-// Converts `n` elements at `src` (element stride `stride`) to float32 `dst`.
-void ConvertRow(const void* base, DType dtype, int64_t offset, int64_t stride, int64_t n,
-                float* HWY_RESTRICT dst) {
-  if (stride == 1 && dtype == DType::kFloat32) {
-    std::memcpy(dst, static_cast<const float*>(base) + offset, n * sizeof(float));
-  } else if (stride == 1 && dtype == DType::kFloat16) {
-    const DF df;
-    const hn::Rebind<hwy::float16_t, DF> dh;
-    const auto* src = static_cast<const hwy::float16_t*>(base) + offset;
-    const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
-    int64_t x = 0;
-    for (; x + nf <= n; x += nf) hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, src + x)), df, dst + x);
-    for (; x < n; ++x) dst[x] = LoadAsFloat(base, dtype, offset + x);
-  } else if (stride == 1 && dtype == DType::kFloat64) {
-    const double* src = static_cast<const double*>(base) + offset;
-    for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x]);
-  } else {
-    for (int64_t x = 0; x < n; ++x) dst[x] = LoadAsFloat(base, dtype, offset + x * stride);
-  }
-}
-
-void StoreFromFloat(void* base, DType dtype, int64_t offset, float value) {
-  switch (dtype) {
-    case DType::kFloat32: static_cast<float*>(base)[offset] = value; break;
-    case DType::kFloat64: static_cast<double*>(base)[offset] = value; break;
-    case DType::kFloat16: static_cast<uint16_t*>(base)[offset] = FloatToHalf(value); break;
-    default: break;  // excluded by validation
-  }
-}
-
-// Returns true when the n floats at row have no inf or NaN (x * 0 is NaN
-// exactly for those).
-bool RowFinite(const float* HWY_RESTRICT row, int64_t n) {
-  const DF df;
-  const int64_t nf = static_cast<int64_t>(hn::Lanes(df));
-  const VF zero = hn::Zero(df);
-  VF sum = zero;
-  int64_t x = 0;
-  for (; x + nf <= n; x += nf) sum = hn::Add(sum, hn::Mul(hn::LoadU(df, row + x), zero));
-  float tail = 0.0f;
-  for (; x < n; ++x) tail += row[x] * 0.0f;
-  return hn::AllFalse(df, hn::IsNaN(sum)) && !std::isnan(tail);
-}
 
 // Returns true when V rows [c0, c1) hold no inf or NaN.
 bool VFinite(const float* v, int64_t v_stride, int64_t dim_v, int64_t c0, int64_t c1) {
