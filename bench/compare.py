@@ -12,10 +12,13 @@ Runs, in one go and on the same threads:
      float32, torch.set_num_threads(T).
   3. `qkv bench --json`.
 flops = 4 * B * H * N^2 * D, halved (exactly: allowed pairs) for causal.
+With --backward yes, also the backward tables (bench/backward_rows.py): `qkv bench --backward`
+next to the FMA peak and PyTorch's CPU flash backward from a PyPI torch (--torch-python).
 
 Usage (Debian's python3, which has torch; numpy is not needed):
   /usr/bin/python3 bench/compare.py [--build build/release] [--threads 1,2]
       [--sizes 1024,4096,16384] [--dims 64,128] [--repeat 3] [--write BENCHMARKS.md]
+      [--backward yes --torch-python ~/venv-torch/bin/python]
 """
 import argparse
 import datetime
@@ -26,6 +29,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from backward_rows import backward_section
 
 BEGIN = "<!-- compare.py: begin -->"
 END = "<!-- compare.py: end -->"
@@ -141,6 +146,14 @@ def main():
     ap.add_argument("--decode-runs", type=int, default=5,
                     help="rounds per decode length; each row is the fastest round")
     ap.add_argument("--prefill", default="yes", help="no: skip the prefill table")
+    ap.add_argument("--backward", default="no", help="yes: the backward tables too")
+    ap.add_argument("--backward-n", type=int, default=4096, help="N of the backward tables")
+    ap.add_argument("--backward-scaling-n", type=int, default=16384,
+                    help="N of the one-head backward thread-scaling row (0: none)")
+    ap.add_argument("--backward-memory-shape", default="",
+                    help="B,H,N,D of a causal `qkv backward` run whose peak RSS is reported")
+    ap.add_argument("--torch-python", default="",
+                    help="python of a PyPI torch for the backward peer (empty: no peer)")
     ap.add_argument("--write", default="", help="replace the table between the markers in this file")
     a = ap.parse_args()
     if a.decode_runs < 1:
@@ -196,6 +209,8 @@ def main():
                 f"{100 * q['gflops'] / r['sgemm_gflops']:.0f}% | {torch_cell} | {tg_cell} | "
                 f"{ratio} | {q['peak_rss_bytes'] / 2**20:.0f} MiB |")
         out("")
+    if a.backward == "yes":
+        backward_section(a, out, roofline)
     if a.decode_lengths:
         threads = [int(x) for x in a.threads.split(",")]
         lengths = [int(x) for x in a.decode_lengths.split(",")]

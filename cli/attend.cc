@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_flags.h"
 #include "commands.h"
 #include "common.h"
 #include "qkv/attention.h"
@@ -17,58 +18,9 @@
 namespace qkv::cli {
 namespace {
 
-struct AttendFlags {
-  std::string q, k, v, out, mask, key_lengths, weights, lse;
-  std::string shape;
-  int64_t kv_heads = 0;
-  int64_t seq_kv = -1;
-  uint64_t seed = 0;
-  bool causal = false;
-  bool causal_top_left = false;
-  std::vector<int64_t> window;
-  std::optional<double> scale;
-  std::string layout = "bhsd";
-  std::string kernel = "auto";
-  int threads = 0;
-  bool verbose = false;
+struct AttendFlags : AttentionFlags {
+  std::string q, k, v, out, weights, lse;
 };
-
-// An input tensor: the .npy array it came from and its [b, h, s, d] view.
-struct Input {
-  NpyArray array;
-  TensorView view;
-};
-
-Input LoadQkv(const std::string& path, const char* name, bool bshd) {
-  Input in{ReadNpy(path), {}};
-  const NpyArray& a = in.array;
-  if (a.shape.size() != 4) {
-    throw Error(std::string(name) + ": " + path + " has shape " + NpyShapeString(a.shape) +
-                " (expected 4 dims, " + (bshd ? "[batch, seq, heads, dim]" :
-                                                "[batch, heads, seq, dim]") + ")");
-  }
-  if (a.dtype != DType::kFloat32 && a.dtype != DType::kFloat16 && a.dtype != DType::kFloat64) {
-    throw Error(std::string(name) + ": " + path + " has dtype " + DTypeName(a.dtype) +
-                " (expected float32, float16 or float64)");
-  }
-  const auto& s = a.shape;
-  in.view = bshd ? TensorView::FromBSHD(a.bytes.data(), a.dtype, s[0], s[1], s[2], s[3])
-                 : TensorView::Contiguous(a.bytes.data(), a.dtype, {s[0], s[1], s[2], s[3]});
-  return in;
-}
-
-// Fills a float32 [b, h, s, d] array with N(0, 1) values from `rng`.
-Input RandomInput(const Shape4& shape, std::mt19937_64& rng) {
-  Input in;
-  in.array.dtype = DType::kFloat32;
-  in.array.shape.assign(shape.begin(), shape.end());
-  in.array.bytes.resize(static_cast<size_t>(in.array.numel()) * 4);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  float* p = in.array.data<float>();
-  for (int64_t i = 0; i < in.array.numel(); ++i) p[i] = normal(rng);
-  in.view = TensorView::Contiguous(p, DType::kFloat32, shape);
-  return in;
-}
 
 int RunAttend(const AttendFlags& f) {
   const bool bshd = f.layout == "bshd";
@@ -84,22 +36,18 @@ int RunAttend(const AttendFlags& f) {
 
   Input q, k, v;
   if (random) {
-    const std::vector<int64_t> s = ParseIntList(f.shape, 4, "--shape", false);
-    if (f.kv_heads < 0 || f.seq_kv < -1) {
-      throw Error("--kv-heads / --seq-kv: negative value (expected --kv-heads >= 1, --seq-kv >= 0)");
-    }
-    const int64_t kv_heads = f.kv_heads > 0 ? f.kv_heads : s[1];
-    const int64_t seq_kv = f.seq_kv >= 0 ? f.seq_kv : s[2];
-    CheckFitsInMemory("--shape " + f.shape,
-                      4.0 * (2.0 * s[0] * s[1] * s[2] * s[3] + 2.0 * s[0] * kv_heads * seq_kv * s[3]));
+    const RandomShapes s = ParseRandomShapes(f);
+    const double q_elems = 1.0 * s.q[0] * s.q[1] * s.q[2] * s.q[3];
+    const double kv_elems = 1.0 * s.kv[0] * s.kv[1] * s.kv[2] * s.kv[3];
+    CheckFitsInMemory("--shape " + f.shape, 4.0 * (2.0 * q_elems + 2.0 * kv_elems));
     std::mt19937_64 rng(f.seed);
-    q = RandomInput({s[0], s[1], s[2], s[3]}, rng);
-    k = RandomInput({s[0], kv_heads, seq_kv, s[3]}, rng);
-    v = RandomInput({s[0], kv_heads, seq_kv, s[3]}, rng);
+    q = RandomInput(s.q, rng);
+    k = RandomInput(s.kv, rng);
+    v = RandomInput(s.kv, rng);
   } else {
-    q = LoadQkv(f.q, "--q", bshd);
-    k = LoadQkv(f.k, "--k", bshd);
-    v = LoadQkv(f.v, "--v", bshd);
+    q = LoadTensor(f.q, "--q", bshd);
+    k = LoadTensor(f.k, "--k", bshd);
+    v = LoadTensor(f.v, "--v", bshd);
   }
   const int64_t batch = q.view.shape[0], heads = q.view.shape[1], seq_q = q.view.shape[2];
   const int64_t seq_kv = k.view.shape[2], head_dim_v = v.view.shape[3];
@@ -111,38 +59,8 @@ int RunAttend(const AttendFlags& f) {
   p.scale = f.scale;
   p.num_threads = f.threads;
   p.kernel = KernelFromName(f.kernel);
-  p.mask.causal = f.causal || f.causal_top_left;
-  p.mask.alignment = f.causal_top_left ? Alignment::kTopLeft : Alignment::kBottomRight;
-  if (!f.window.empty()) {
-    p.mask.window_left = f.window[0];
-    p.mask.window_right = f.window[1];
-  }
-  NpyArray mask_array, lengths_array;
-  std::vector<int64_t> key_lengths;
-  if (!f.mask.empty()) {
-    mask_array = ReadNpy(f.mask);
-    if (mask_array.dtype == DType::kInt32 || mask_array.dtype == DType::kInt64) {
-      throw Error("--mask: " + f.mask + " has dtype " + DTypeName(mask_array.dtype) +
-                  " (expected bool, or float32/float16/float64 additive)");
-    }
-    p.mask.mask = BroadcastMask(mask_array.bytes.data(), mask_array.dtype, mask_array.shape,
-                                {batch, heads, seq_q, seq_kv});
-  }
-  if (!f.key_lengths.empty()) {
-    lengths_array = ReadNpy(f.key_lengths);
-    if ((lengths_array.dtype != DType::kInt32 && lengths_array.dtype != DType::kInt64) ||
-        lengths_array.shape.size() != 1) {
-      throw Error("--key-lengths: " + f.key_lengths + " is " + DTypeName(lengths_array.dtype) +
-                  " " + NpyShapeString(lengths_array.shape) +
-                  " (expected a 1-D int32 or int64 array of one length per batch)");
-    }
-    for (int64_t b = 0; b < lengths_array.numel(); ++b) {
-      key_lengths.push_back(lengths_array.dtype == DType::kInt32
-                                ? lengths_array.data<int32_t>()[b]
-                                : lengths_array.data<int64_t>()[b]);
-    }
-    p.mask.key_lengths = key_lengths;
-  }
+  MaskInputs mask_inputs;
+  ResolveMask(f, {batch, heads, seq_q, seq_kv}, &mask_inputs, &p.mask);
 
   // Outputs: O in Q's layout and dtype; weights and LSE float32.
   const DType out_dtype = q.view.dtype;
@@ -214,37 +132,9 @@ Runner AddAttendCommand(CLI::App& app) {
   cmd->add_option("--k", f.k, "Keys .npy, [B,Hkv,Nk,Dk] or [B,Nk,Hkv,Dk]; Hkv divides H (GQA/MQA)");
   cmd->add_option("--v", f.v, "Values .npy, [B,Hkv,Nk,Dv] or [B,Nk,Hkv,Dv]");
   cmd->add_option("--out", f.out, "Output .npy in Q's layout and dtype, [B,H,Nq,Dv] or [B,Nq,H,Dv]");
-  cmd->add_option("--mask", f.mask,
-                  "Mask .npy broadcastable to [B,H,Nq,Nk]: bool (true = attend) or float "
-                  "(added to the scores; -inf masks)");
-  auto* causal = cmd->add_flag("--causal", f.causal,
-                               "Causal, bottom-right aligned: query i sees keys j <= i + Nk - Nq");
-  auto* top_left = cmd->add_flag("--causal-top-left", f.causal_top_left,
-                                 "Causal, top-left aligned (torch is_causal): j <= i; "
-                                 "--window then uses the same alignment");
-  causal->excludes(top_left);
-  cmd->add_option("--window", f.window,
-                  "Sliding window LEFT RIGHT: i+Nk-Nq-LEFT <= j <= i+Nk-Nq+RIGHT; -1 = unbounded")
-      ->expected(2);
-  cmd->add_option("--key-lengths", f.key_lengths,
-                  "Per-batch valid key counts .npy, int32/int64 [B]; keys j >= length are padding");
-  cmd->add_option("--scale", f.scale, "Score scale (default 1/sqrt(Dk))");
-  cmd->add_option("--layout", f.layout, "Memory layout of Q, K, V and the output")
-      ->check(CLI::IsMember({"bhsd", "bshd"}))
-      ->capture_default_str();
   cmd->add_option("--weights", f.weights, "Write attention weights .npy, float32 [B,H,Nq,Nk]");
   cmd->add_option("--lse", f.lse, "Write log-sum-exp of each row .npy, float32 [B,H,Nq]");
-  auto* shape =
-      cmd->add_option("--shape", f.shape, "Run on random N(0,1) inputs of shape B,H,N,D instead of files");
-  cmd->add_option("--kv-heads", f.kv_heads, "With --shape: KV heads (default H)")->needs(shape);
-  cmd->add_option("--seq-kv", f.seq_kv, "With --shape: key count Nk (default N)")->needs(shape);
-  cmd->add_option("--seed", f.seed, "With --shape: random seed")->capture_default_str()->needs(shape);
-  cmd->add_option("--kernel", f.kernel, "Kernel (auto picks; --verbose says which ran and why)")
-      ->check(CLI::IsMember(KernelNames()))
-      ->capture_default_str();
-  cmd->add_option("--threads", f.threads, "Threads (0 = all cores); results never depend on it")
-      ->capture_default_str();
-  cmd->add_flag("--verbose", f.verbose, "Print which kernel ran, why, and its scratch memory");
+  AddAttentionFlags(cmd, f, "Q, K, V and the output");
   return [flags] { return RunAttend(*flags); };
 }
 

@@ -4,6 +4,10 @@
 // flops = 2 * (head_dim + head_dim_v) * num_q_heads * allowed pairs, i.e.
 // 4 * B * H * Nq * Nk * D without masks (2 D for Q.K^T, 2 D for P.V), and
 // only the pairs that causal / window rules allow when they are on.
+// --backward times qkv::AttentionBackward alone (out and lse come from one
+// forward before timing) and counts qkv::BackwardFlops, 2.5 times the
+// forward's flops as FlashAttention's benchmarks do (Q.K^T and dout.V^T
+// recomputed, dV, dQ and dK: 5 matmuls against the forward's 2).
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -19,6 +23,7 @@
 #include "commands.h"
 #include "common.h"
 #include "qkv/attention.h"
+#include "qkv/attention_backward.h"
 #include "qkv/error.h"
 
 namespace qkv::cli {
@@ -34,6 +39,7 @@ struct BenchFlags {
   std::string dtype = "f32";
   int repeat = 5;
   bool json = false;
+  bool backward = false;  // time the backward pass instead of the forward
   // --decode: one decode step over a filled cache instead of a prefill.
   bool decode = false;
   int64_t cache_len = 0;
@@ -42,6 +48,9 @@ struct BenchFlags {
 };
 
 int RunBench(const BenchFlags& f) {
+  if (f.backward && f.decode) {
+    throw Error("--backward times the prefill backward (expected --shape without --decode)");
+  }
   if (f.decode) {
     if (!f.shape.empty()) throw Error("--shape is for prefill (expected --cache-len with --decode)");
     if (f.cache_len < 1) throw Error("--cache-len: expected >= 1 with --decode");
@@ -70,7 +79,10 @@ int RunBench(const BenchFlags& f) {
   const DType dtype = f.dtype == "f16" ? DType::kFloat16 : DType::kFloat32;
   const double q_elems = 1.0 * batch * heads * seq_q * dim;
   const double kv_elems = 1.0 * batch * kv_heads * seq_kv * dim;
-  CheckFitsInMemory("--shape " + f.shape, (2 * q_elems + 2 * kv_elems) * DTypeSize(dtype));
+  // Forward: q, out; k, v. Backward adds dout, dq; dk, dv; lse (float32).
+  const double copies = f.backward ? 4 : 2;
+  CheckFitsInMemory("--shape " + f.shape, copies * (q_elems + kv_elems) * DTypeSize(dtype) +
+                                              (f.backward ? 4.0 * batch * heads * seq_q : 0.0));
 
   std::mt19937_64 rng(1);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -97,32 +109,57 @@ int RunBench(const BenchFlags& f) {
   p.kernel = KernelFromName(f.kernel);
   p.num_threads = f.threads;
 
-  AttentionInfo info = Attention(p);  // warm-up: page faults, thread pool start
+  // --backward: the forward runs once, untimed, for out and lse.
+  std::vector<float> lse(f.backward ? static_cast<size_t>(batch * heads * seq_q) : 0);
+  std::vector<unsigned char> dout, dq, dk, dv;
+  AttentionBackwardParams bp;
+  if (f.backward) {
+    p.lse = MutableTensorView::Contiguous(lse.data(), DType::kFloat32, {batch, heads, seq_q, 1});
+    Attention(p);
+    dout = fill(q_elems);
+    dq.resize(q.size());
+    dk.resize(k.size());
+    dv.resize(v.size());
+    bp.q = p.q, bp.k = p.k, bp.v = p.v, bp.mask = p.mask, bp.kernel = p.kernel;
+    bp.num_threads = p.num_threads;
+    bp.out = TensorView::Contiguous(out.data(), dtype, {batch, heads, seq_q, dim});
+    bp.lse = TensorView::Contiguous(lse.data(), DType::kFloat32, {batch, heads, seq_q, 1});
+    bp.dout = TensorView::Contiguous(dout.data(), dtype, {batch, heads, seq_q, dim});
+    bp.dq = MutableTensorView::Contiguous(dq.data(), dtype, {batch, heads, seq_q, dim});
+    bp.dk = MutableTensorView::Contiguous(dk.data(), dtype, {batch, kv_heads, seq_kv, dim});
+    bp.dv = MutableTensorView::Contiguous(dv.data(), dtype, {batch, kv_heads, seq_kv, dim});
+  }
+  auto run = [&] { return f.backward ? AttentionBackward(bp) : Attention(p); };
+  AttentionInfo info = run();  // warm-up: page faults, thread pool start
   std::vector<double> times;
   for (int r = 0; r < f.repeat; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    info = Attention(p);
+    info = run();
     times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   const double median = Median(times);
   std::sort(times.begin(), times.end());  // for min_s / max_s below
-  const double flops = 2.0 * (dim + dim) * heads * CountAllowedPairs(p.mask, batch, seq_q, seq_kv);
+  const double flops =
+      f.backward ? BackwardFlops(p.mask, batch, heads, seq_q, seq_kv, dim, dim)
+                 : 2.0 * (dim + dim) * heads * CountAllowedPairs(p.mask, batch, seq_q, seq_kv);
   nlohmann::json j = {
       {"batch", batch}, {"num_q_heads", heads}, {"num_kv_heads", kv_heads},
       {"seq_q", seq_q}, {"seq_kv", seq_kv}, {"head_dim", dim}, {"causal", f.causal},
-      {"dtype", f.dtype}, {"repeat", f.repeat}, {"median_s", median}, {"min_s", times.front()},
-      {"max_s", times.back()}, {"flops", flops}, {"gflops", flops / median * 1e-9},
+      {"dtype", f.dtype}, {"backward", f.backward}, {"repeat", f.repeat}, {"median_s", median},
+      {"min_s", times.front()}, {"max_s", times.back()}, {"flops", flops},
+      {"gflops", flops / median * 1e-9},
       {"peak_rss_bytes", PeakRssBytes()}, {"kernel", KernelName(info.kernel)},
       {"kernel_reason", info.reason}, {"threads", info.threads},
       {"simd_target", info.simd_target}, {"scratch_bytes", info.scratch_bytes}};
   if (f.json) {
     std::printf("%s\n", j.dump().c_str());
   } else {
-    std::printf("%s (%s), %d threads, %s: median %.4f s (min %.4f, max %.4f) over %d runs, "
+    std::printf("%s%s (%s), %d threads, %s: median %.4f s (min %.4f, max %.4f) over %d runs, "
                 "%.2f GFLOP/s, peak memory %s\n",
-                KernelName(info.kernel), info.reason.c_str(), info.threads,
-                info.simd_target.c_str(), median, times.front(), times.back(), f.repeat,
-                flops / median * 1e-9, HumanBytes(static_cast<double>(PeakRssBytes())).c_str());
+                f.backward ? "backward: " : "", KernelName(info.kernel), info.reason.c_str(),
+                info.threads, info.simd_target.c_str(), median, times.front(), times.back(),
+                f.repeat, flops / median * 1e-9,
+                HumanBytes(static_cast<double>(PeakRssBytes())).c_str());
   }
   return 0;
 }
@@ -148,6 +185,10 @@ Runner AddBenchCommand(CLI::App& app) {
   cmd->add_flag("--json", f.json,
                 "Print one JSON object: median_s, min_s, max_s, flops, gflops, peak_rss_bytes, "
                 "kernel, threads, simd_target, ...");
+  cmd->add_flag("--backward", f.backward,
+                "Time the backward pass (dq, dk, dv; out and lse from one untimed forward); "
+                "flops count it as 2.5 x the forward's 4*Nq*Nk*D (halved for causal), as "
+                "FlashAttention does");
   auto* decode = cmd->add_flag("--decode", f.decode,
                                "Time one decode step (1 query per head) over a filled KV cache; "
                                "JSON: median_s per token, bytes_per_token, gbps");

@@ -16,6 +16,7 @@ namespace qkv::cli {
 using Runner = std::function<int()>;
 
 Runner AddAttendCommand(CLI::App& app);
+Runner AddBackwardCommand(CLI::App& app);
 Runner AddDemoCommand(CLI::App& app);
 Runner AddBenchCommand(CLI::App& app);
 Runner AddPositionalCommand(CLI::App& app);

@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   app.set_help_all_flag("--help-all", "Print help for every command");
   const qkv::cli::Runner runners[] = {
       qkv::cli::AddAttendCommand(app),
+      qkv::cli::AddBackwardCommand(app),
       qkv::cli::AddDemoCommand(app),
       qkv::cli::AddBenchCommand(app),
       qkv::cli::AddPositionalCommand(app),
@@ -35,7 +36,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
     if (argc > 1 && argv[1][0] != '-' && app.get_subcommands().empty()) {
-      std::fprintf(stderr, "qkv: unknown command '%s' (expected attend, demo, bench, decode, memory, mha, positions or classic; see qkv --help)\n",
+      std::fprintf(stderr, "qkv: unknown command '%s' (expected attend, backward, demo, bench, decode, memory, mha, positions or classic; see qkv --help)\n",
                    argv[1]);
       return 2;
     }

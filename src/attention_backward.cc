@@ -50,7 +50,8 @@ Problem Validate(const AttentionBackwardParams& p) {
                   " (expected an additive float32/float16/float64 mask to differentiate)");
     }
     CheckTensor("dmask", p.dmask.shape, p.dmask.strides, true, p.dmask.dtype, true);
-    CheckShape("dmask", p.dmask.shape, p.mask.mask.shape, "the mask's shape");
+    CheckShape("dmask", p.dmask.shape, internal::MaskOwnShape(p.mask.mask),
+               "the mask's own shape, 1 on each broadcast (stride 0) dim");
   }
   return pr;
 }

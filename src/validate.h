@@ -4,6 +4,7 @@
 #ifndef QKV_SRC_VALIDATE_H_
 #define QKV_SRC_VALIDATE_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -44,6 +45,15 @@ void CheckThreads(int num_threads);
 Problem ValidateInputs(const TensorView& q, const TensorView& k, const TensorView& v,
                        const MaskSpec& mask, const std::optional<double>& scale,
                        int num_threads);
+
+// Returns the shape of the data behind a mask view: 1 on each dim of stride
+// 0 (broadcast), else the view's size. dmask has this shape.
+inline Shape4 MaskOwnShape(const TensorView& mask) {
+  Shape4 s = mask.shape;
+  for (int d = 0; d < 4; ++d)
+    if (mask.strides[d] == 0) s[d] = std::min<int64_t>(s[d], 1);
+  return s;
+}
 
 // Refuses a kernel whose scratch would exceed this machine's physical
 // memory: an error, not an unbounded allocation (attention.cc).

@@ -17,7 +17,8 @@
 //   v, dv          [batch, num_kv_heads, seq_kv, head_dim_v]
 //   out, dout      [batch, num_q_heads,  seq_q,  head_dim_v]
 //   lse            [batch, num_q_heads,  seq_q,  1]
-//   dmask          the additive mask's own shape (1 on each broadcast dim)
+//   dmask          the additive mask's own shape: 1 on each dim where the
+//                  mask view has stride 0 (as BroadcastMask makes it)
 // A disallowed pair (and a pair whose score is -inf) contributes nothing to
 // any gradient, so a NaN it does not touch stays out. A row with no allowed
 // key has dq = 0 and adds nothing to dk, dv. seq_kv = 0 gives dq = 0.
@@ -39,7 +40,8 @@ struct AttentionBackwardParams {
   TensorView lse;
   TensorView dout;
   MutableTensorView dq, dk, dv;
-  // Optional: the gradient of an additive (float) mask.mask, in its shape.
+  // Optional: the gradient of an additive (float) mask.mask, in the mask's
+  // own shape (its broadcast dims summed).
   MutableTensorView dmask;
   MaskSpec mask;
   std::optional<double> scale;  // default 1 / sqrt(head_dim)

@@ -98,7 +98,7 @@ struct BackwardTraits {
 // Offsets (in bytes) of the per-thread scratch arrays for one problem.
 struct BackwardLayout {
   int64_t dim_pad;  // head_dim rounded up to kAlignFloats
-  int64_t k_t, v_t, k_rows, dk_t, dv_t, s, dp, bias, dq_part, q_tile, do_tile, v_row;
+  int64_t k_t, v_t, k_rows, dk_t, dv_t, s, dp, bias, dq_part, q_tile, do_tile, v_row, zero_row;
   int64_t row_meta;  // int64 [4, kBlockQ]: head, query, lo, hi
   int64_t rel;       // int32 [2, kBlockQ]: lo, hi within the key block
   int64_t row_ptrs;  // const float* [2, kBlockQ]: Q and dO rows
@@ -127,6 +127,7 @@ struct BackwardLayout {
     l.q_tile = take(br * pr.head_dim);    // converted Q rows  [kBlockQ, head_dim]
     l.do_tile = take(br * pr.head_dim_v); // converted dO rows [kBlockQ, head_dim_v]
     l.v_row = take(pr.head_dim_v);        // one V row, converted before transposing
+    l.zero_row = take(std::max(pr.head_dim, pr.head_dim_v));  // zeros: Q, dO of empty rows
     l.row_meta = take(4 * br * 2);
     l.rel = take(2 * br);
     l.row_ptrs = take(2 * br * 2);
@@ -330,20 +331,22 @@ void PrepareRowBlock(const AttentionBackwardParams& p, const Problem& pr, Backwa
     const double lse = LoadAsFloat(p.lse.data, p.lse.dtype, p.lse.Offset(b, h, i, 0));
     lse2[base + r] = static_cast<float>(lse * kLog2E);
     double d = 0.0;  // D = dO . O, in double, rounded once
+    bool dout_finite = true;
     for (int64_t n = 0; n < dim_v; ++n) {
       const float o = LoadAsFloat(p.out.data, p.out.dtype, p.out.Offset(b, h, i, n));
       const float dout = LoadAsFloat(p.dout.data, p.dout.dtype, p.dout.Offset(b, h, i, n));
-      finite &= std::isfinite(dout);
+      dout_finite &= std::isfinite(dout);
       d += static_cast<double>(dout) * o;
     }
-    d_row[base + r] = static_cast<float>(d);
-    finite &= std::isfinite(d_row[base + r]) && !std::isnan(lse2[base + r]) &&
+    // A row without keys never reads its D: 0, whatever dout and out hold.
+    d_row[base + r] = lse2[base + r] == -kInf ? 0.0f : static_cast<float>(d);
+    float* dq = sh->dq_base + b * sh->dq_stride[0] + h * sh->dq_stride[1] + i * sh->dq_stride[2];
+    std::fill(dq, dq + dim, 0.0f);
+    if (lse2[base + r] == -kInf) continue;  // no allowed key: never read (zeros)
+    finite &= dout_finite && std::isfinite(d_row[base + r]) && !std::isnan(lse2[base + r]) &&
               lse2[base + r] != kInf;
     for (int64_t x = 0; x < dim; ++x)
       finite &= std::isfinite(LoadAsFloat(p.q.data, p.q.dtype, p.q.Offset(b, h, i, x)));
-    float* dq = sh->dq_base + b * sh->dq_stride[0] + h * sh->dq_stride[1] + i * sh->dq_stride[2];
-    std::fill(dq, dq + dim, 0.0f);
-    if (lse2[base + r] == -kInf) continue;  // no allowed key
     const KeyRange range = RowKeyRange(p.mask, nq, nk, i, key_length);
     if (range.hi > range.lo) lo_min = std::min(lo_min, range.lo), hi_max = std::max(hi_max, range.hi);
   }
@@ -382,6 +385,7 @@ bool FillBiasRow(const T* mask, int64_t j_stride, int64_t j0, int64_t lo, int64_
 // The per-thread tiles of one item, carved from the thread's scratch.
 struct Tiles {
   float *k_t, *v_t, *k_rows, *dk_t, *dv_t, *s, *dp, *bias, *dq_part, *q_tile, *do_tile, *v_row;
+  const float* zero_row;
   int64_t *row_head, *row_i;
   int32_t *rel_lo, *rel_hi;
   const float** q_ptr;
@@ -478,7 +482,13 @@ bool Tile(const AttentionBackwardParams& p, const Problem& pr, const BackwardSha
     if (!any) return false;  // every pair masked: skipped
   }
   // Q and dO rows: in place (float32, unit stride along dims) or converted.
+  // A row without keys (lse = -inf) reads zeros: it multiplies P = dS = 0
+  // in the products, and 0 * 0 keeps whatever its q or dout hold out.
   for (int64_t r = 0; r < rows; ++r) {
+    if (lse2[r] == -kInf) {
+      t.q_ptr[r] = t.do_ptr[r] = t.zero_row;
+      continue;
+    }
     const int64_t h = t.row_head[r], i = t.row_i[r];
     const int64_t q_off = p.q.Offset(b, h, i, 0), do_off = p.dout.Offset(b, h, i, 0);
     if (p.q.dtype == DType::kFloat32 && p.q.strides[3] == 1) {
@@ -523,12 +533,17 @@ bool Tile(const AttentionBackwardParams& p, const Problem& pr, const BackwardSha
     float* dp_r = t.dp + r * kBc;
     for (int64_t v = v0; v < v1; ++v) {
       VF sv = hn::Load(df, s_r + v * nf);
+      VF bv = hn::Zero(df);
       if (has_mask) {
-        const VF bv = hn::Load(df, t.bias + r * kBc + v * nf);
-        sv = hn::IfThenElse(hn::Eq(bv, neg_inf), neg_inf, hn::Add(sv, bv));
+        bv = hn::Load(df, t.bias + r * kBc + v * nf);
+        sv = hn::Add(sv, bv);
       }
       VF pv = Exp2NonPositive(df, hn::Min(hn::Sub(sv, l2), cap));
-      if (!full && !has_mask) {
+      if (has_mask) {
+        // Selected, not computed: a row without keys has lse2 = -inf, and
+        // -inf - -inf would be NaN.
+        pv = hn::IfThenZeroElse(hn::Eq(bv, neg_inf), pv);
+      } else if (!full) {
         const auto c = hn::Add(lane, hn::Set(di, static_cast<int32_t>(v * nf)));
         pv = hn::IfThenElseZero(hn::RebindMask(df, hn::AndNot(hn::Lt(c, lo), hn::Lt(c, hi))), pv);
       }
@@ -574,6 +589,8 @@ void BackwardRunThread(const AttentionBackwardParams& p, const Problem& pr, Back
   t.dk_t = f(lay.dk_t), t.dv_t = f(lay.dv_t), t.s = f(lay.s), t.dp = f(lay.dp);
   t.bias = f(lay.bias), t.dq_part = f(lay.dq_part), t.q_tile = f(lay.q_tile);
   t.do_tile = f(lay.do_tile), t.v_row = f(lay.v_row);
+  std::fill(f(lay.zero_row), f(lay.zero_row) + std::max(pr.head_dim, pr.head_dim_v), 0.0f);
+  t.zero_row = f(lay.zero_row);
   t.row_head = reinterpret_cast<int64_t*>(buf + lay.row_meta);
   t.row_i = t.row_head + kBr;
   t.rel_lo = reinterpret_cast<int32_t*>(buf + lay.rel);

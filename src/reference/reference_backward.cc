@@ -44,6 +44,7 @@
 #include "mask_rules.h"
 #include "reference/reference_attention.h"
 #include "reference/reference_util.h"
+#include "validate.h"
 
 namespace qkv::internal {
 namespace {
@@ -65,7 +66,7 @@ void Run(const AttentionBackwardParams& p, const Problem& pr) {
   // dmask accumulator in the mask's own shape; element (b, h, i, j) maps to
   // (b or 0, h or 0, i or 0, j or 0) by the mask's broadcast dims.
   std::vector<T> dmask_acc(want_dmask ? static_cast<size_t>(p.dmask.numel()) : 0);
-  const Shape4 ms = mask.shape;
+  const Shape4 ms = MaskOwnShape(mask);
   auto dmask_index = [&](int64_t b, int64_t h, int64_t i, int64_t j) {
     return ((std::min(b, ms[0] - 1) * ms[1] + std::min(h, ms[1] - 1)) * ms[2] +
             std::min(i, ms[2] - 1)) * ms[3] + std::min(j, ms[3] - 1);

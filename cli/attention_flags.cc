@@ -1,0 +1,112 @@
+#include "attention_flags.h"
+
+#include "common.h"
+#include "qkv/attention.h"
+#include "qkv/error.h"
+
+namespace qkv::cli {
+
+void AddAttentionFlags(CLI::App* cmd, AttentionFlags& f, const std::string& tensors) {
+  cmd->add_option("--mask", f.mask,
+                  "Mask .npy broadcastable to [B,H,Nq,Nk]: bool (true = attend) or float "
+                  "(added to the scores; -inf masks)");
+  auto* causal = cmd->add_flag("--causal", f.causal,
+                               "Causal, bottom-right aligned: query i sees keys j <= i + Nk - Nq");
+  auto* top_left = cmd->add_flag("--causal-top-left", f.causal_top_left,
+                                 "Causal, top-left aligned (torch is_causal): j <= i; "
+                                 "--window then uses the same alignment");
+  causal->excludes(top_left);
+  cmd->add_option("--window", f.window,
+                  "Sliding window LEFT RIGHT: i+Nk-Nq-LEFT <= j <= i+Nk-Nq+RIGHT; -1 = unbounded")
+      ->expected(2);
+  cmd->add_option("--key-lengths", f.key_lengths,
+                  "Per-batch valid key counts .npy, int32/int64 [B]; keys j >= length are padding");
+  cmd->add_option("--scale", f.scale, "Score scale (default 1/sqrt(Dk))");
+  cmd->add_option("--layout", f.layout, "Memory layout of " + tensors)
+      ->check(CLI::IsMember({"bhsd", "bshd"}))
+      ->capture_default_str();
+  auto* shape = cmd->add_option("--shape", f.shape,
+                                "Run on random N(0,1) inputs of shape B,H,N,D instead of files");
+  cmd->add_option("--kv-heads", f.kv_heads, "With --shape: KV heads (default H)")->needs(shape);
+  cmd->add_option("--seq-kv", f.seq_kv, "With --shape: key count Nk (default N)")->needs(shape);
+  cmd->add_option("--seed", f.seed, "With --shape: random seed")->capture_default_str()->needs(shape);
+  cmd->add_option("--kernel", f.kernel, "Kernel (auto picks; --verbose says which ran and why)")
+      ->check(CLI::IsMember(KernelNames()))
+      ->capture_default_str();
+  cmd->add_option("--threads", f.threads, "Threads (0 = all cores); results never depend on it")
+      ->capture_default_str();
+  cmd->add_flag("--verbose", f.verbose, "Print which kernel ran, why, and its scratch memory");
+}
+
+Input LoadTensor(const std::string& path, const char* flag, bool bshd) {
+  Input in{ReadNpy(path), {}};
+  const NpyArray& a = in.array;
+  if (a.shape.size() != 4) {
+    throw Error(std::string(flag) + ": " + path + " has shape " + NpyShapeString(a.shape) +
+                " (expected 4 dims, " + (bshd ? "[batch, seq, heads, dim]" :
+                                                "[batch, heads, seq, dim]") + ")");
+  }
+  if (a.dtype != DType::kFloat32 && a.dtype != DType::kFloat16 && a.dtype != DType::kFloat64) {
+    throw Error(std::string(flag) + ": " + path + " has dtype " + DTypeName(a.dtype) +
+                " (expected float32, float16 or float64)");
+  }
+  const auto& s = a.shape;
+  in.view = bshd ? TensorView::FromBSHD(a.bytes.data(), a.dtype, s[0], s[1], s[2], s[3])
+                 : TensorView::Contiguous(a.bytes.data(), a.dtype, {s[0], s[1], s[2], s[3]});
+  return in;
+}
+
+Input RandomInput(const Shape4& shape, std::mt19937_64& rng) {
+  Input in;
+  in.array.dtype = DType::kFloat32;
+  in.array.shape.assign(shape.begin(), shape.end());
+  in.array.bytes.resize(static_cast<size_t>(in.array.numel()) * 4);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  float* p = in.array.data<float>();
+  for (int64_t i = 0; i < in.array.numel(); ++i) p[i] = normal(rng);
+  in.view = TensorView::Contiguous(p, DType::kFloat32, shape);
+  return in;
+}
+
+RandomShapes ParseRandomShapes(const AttentionFlags& f) {
+  const std::vector<int64_t> s = ParseIntList(f.shape, 4, "--shape", false);
+  if (f.kv_heads < 0 || f.seq_kv < -1) {
+    throw Error("--kv-heads / --seq-kv: negative value (expected --kv-heads >= 1, --seq-kv >= 0)");
+  }
+  const int64_t kv_heads = f.kv_heads > 0 ? f.kv_heads : s[1];
+  const int64_t seq_kv = f.seq_kv >= 0 ? f.seq_kv : s[2];
+  return {{s[0], s[1], s[2], s[3]}, {s[0], kv_heads, seq_kv, s[3]}};
+}
+
+void ResolveMask(const AttentionFlags& f, const Shape4& target, MaskInputs* in, MaskSpec* spec) {
+  spec->causal = f.causal || f.causal_top_left;
+  spec->alignment = f.causal_top_left ? Alignment::kTopLeft : Alignment::kBottomRight;
+  if (!f.window.empty()) {
+    spec->window_left = f.window[0];
+    spec->window_right = f.window[1];
+  }
+  if (!f.mask.empty()) {
+    in->mask = ReadNpy(f.mask);
+    if (in->mask.dtype == DType::kInt32 || in->mask.dtype == DType::kInt64) {
+      throw Error("--mask: " + f.mask + " has dtype " + DTypeName(in->mask.dtype) +
+                  " (expected bool, or float32/float16/float64 additive)");
+    }
+    spec->mask = BroadcastMask(in->mask.bytes.data(), in->mask.dtype, in->mask.shape, target);
+  }
+  if (!f.key_lengths.empty()) {
+    in->lengths = ReadNpy(f.key_lengths);
+    const NpyArray& l = in->lengths;
+    if ((l.dtype != DType::kInt32 && l.dtype != DType::kInt64) || l.shape.size() != 1) {
+      throw Error("--key-lengths: " + f.key_lengths + " is " + DTypeName(l.dtype) + " " +
+                  NpyShapeString(l.shape) +
+                  " (expected a 1-D int32 or int64 array of one length per batch)");
+    }
+    for (int64_t b = 0; b < l.numel(); ++b) {
+      in->key_lengths.push_back(l.dtype == DType::kInt32 ? l.data<int32_t>()[b]
+                                                         : l.data<int64_t>()[b]);
+    }
+    spec->key_lengths = in->key_lengths;
+  }
+}
+
+}  // namespace qkv::cli
