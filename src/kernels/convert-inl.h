@@ -33,6 +33,7 @@ HWY_INLINE float LoadAsFloat(const void* base, DType dtype, int64_t offset) {
 // Converts `n` elements at `src` (element stride `stride`) to float32 `dst`.
 HWY_INLINE void ConvertRow(const void* base, DType dtype, int64_t offset, int64_t stride,
                            int64_t n, float* HWY_RESTRICT dst) {
+  if (n <= 0) return;  // an empty row may have no data pointer (memcpy needs one)
   if (stride == 1 && dtype == DType::kFloat32) {
     std::memcpy(dst, static_cast<const float*>(base) + offset, n * sizeof(float));
   } else if (stride == 1 && dtype == DType::kFloat16) {
