@@ -1,7 +1,8 @@
 # qkv: two commands set everything up on a fresh Debian 12 machine.
 #   make demo   installs missing Debian packages, builds, runs `qkv demo`
 #   make test   the same setup, then the whole test suite (ctest)
-# Also: make build, make test-asan (AddressSanitizer + UBSan), make bench.
+# Also: make build, make test-asan (AddressSanitizer + UBSan), make bench,
+#       make fuzz FUZZ_SECONDS=N (libFuzzer targets in fuzz/, N seconds each).
 SHELL := /bin/bash
 JOBS ?= $(shell nproc)
 # Debian packages the build and tests need (g++ 12, CMake and GoogleTest come
@@ -9,7 +10,7 @@ JOBS ?= $(shell nproc)
 PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libhwy-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps build demo test test-asan bench bench-deps clean
+.PHONY: deps build demo test test-asan bench bench-deps fuzz fuzz-deps fuzz-build clean
 
 deps:
 	@missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -44,6 +45,42 @@ bench-deps: deps
 
 bench: bench-deps build
 	/usr/bin/python3 bench/compare.py
+
+# Coverage-guided fuzzing (docs/security.md): clang's libFuzzer with ASan and
+# UBSan, in build/fuzz. Each target runs FUZZ_SECONDS on its committed seeds
+# (fuzz/corpus/<target>) plus what earlier runs found (build/fuzz/corpus);
+# crashes are written to build/fuzz/crashes/<target>/ and listed at the end.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := npy safetensors cli_attend cli_mha cli_decode
+FUZZ_DIR := $(CURDIR)/build/fuzz
+
+fuzz-deps: deps
+	@missing=$$(for p in clang libclang-rt-14-dev libomp-dev; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+fuzz-build: fuzz-deps
+	cmake -S . -B $(FUZZ_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
+	  -DQKV_BUILD_FUZZ=ON -DQKV_BUILD_TESTS=OFF -DQKV_BUILD_BENCH=OFF
+	cmake --build $(FUZZ_DIR) -j$(JOBS) --target $(addsuffix _fuzzer,$(FUZZ_TARGETS))
+
+fuzz: fuzz-build
+	@status=0; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/crashes/$$t; \
+	  echo "== fuzz $$t: $(FUZZ_SECONDS) s"; \
+	  OMP_NUM_THREADS=1 $(FUZZ_DIR)/$${t}_fuzzer $(FUZZ_DIR)/corpus/$$t $(CURDIR)/fuzz/corpus/$$t \
+	    -dict=$(CURDIR)/fuzz/dict/$$t.dict -max_total_time=$(FUZZ_SECONDS) -timeout=20 \
+	    -rss_limit_mb=2048 -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_DIR)/crashes/$$t/ 2>$(FUZZ_DIR)/$$t.log \
+	    || { status=1; echo "fuzz $$t: FAILED, see $(FUZZ_DIR)/$$t.log"; }; \
+	  grep -E '^stat::number_of_executed_units|^Done' $(FUZZ_DIR)/$$t.log || true; \
+	done; \
+	crashes=$$(find $(FUZZ_DIR)/crashes -type f | sort); \
+	if [ -n "$$crashes" ]; then echo "crashes (inputs to reproduce with the target binary):"; \
+	  echo "$$crashes"; else echo "no crashes; crash inputs would go to $(FUZZ_DIR)/crashes/<target>/"; fi; \
+	exit $$status
 
 clean:
 	rm -rf build

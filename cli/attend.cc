@@ -33,13 +33,18 @@ int RunAttend(const AttendFlags& f) {
   }
   if (!random && f.out.empty()) throw Error("--out is required with --q/--k/--v");
   if (random && bshd) throw Error("--layout applies to files (expected no --layout with --shape)");
+  CheckThreadsFlag(f.threads);
+  CheckOutputPaths({{"--q", f.q}, {"--k", f.k}, {"--v", f.v}, {"--mask", f.mask},
+                    {"--key-lengths", f.key_lengths}},
+                   {{"--out", f.out}, {"--weights", f.weights}, {"--lse", f.lse}});
 
   Input q, k, v;
   if (random) {
     const RandomShapes s = ParseRandomShapes(f);
     const double q_elems = 1.0 * s.q[0] * s.q[1] * s.q[2] * s.q[3];
     const double kv_elems = 1.0 * s.kv[0] * s.kv[1] * s.kv[2] * s.kv[3];
-    CheckFitsInMemory("--shape " + f.shape, 4.0 * (2.0 * q_elems + 2.0 * kv_elems));
+    CheckFitsInMemory(RandomShapeFlags(f), 4.0 * (2.0 * q_elems + 2.0 * kv_elems));
+    CheckRandomShapeDims(f);
     std::mt19937_64 rng(f.seed);
     q = RandomInput(s.q, rng);
     k = RandomInput(s.kv, rng);

@@ -29,7 +29,16 @@ void AddAttentionFlags(CLI::App* cmd, AttentionFlags& f, const std::string& tens
                                 "Run on random N(0,1) inputs of shape B,H,N,D instead of files");
   cmd->add_option("--kv-heads", f.kv_heads, "With --shape: KV heads (default H)")->needs(shape);
   cmd->add_option("--seq-kv", f.seq_kv, "With --shape: key count Nk (default N)")->needs(shape);
-  cmd->add_option("--seed", f.seed, "With --shape: random seed")->capture_default_str()->needs(shape);
+  cmd->add_option("--seed", f.seed, "With --shape: random seed (>= 0)")
+      ->capture_default_str()
+      ->check(CLI::Validator(
+          [](std::string& text) {
+            // A uint64 option would take -1 as 2^64 - 1.
+            return text.find('-') == std::string::npos ? std::string()
+                                                       : "'" + text + "' (expected an integer >= 0)";
+          },
+          "NONNEGATIVE"))
+      ->needs(shape);
   cmd->add_option("--kernel", f.kernel, "Kernel (auto picks; --verbose says which ran and why)")
       ->check(CLI::IsMember(KernelNames()))
       ->capture_default_str();
@@ -38,8 +47,21 @@ void AddAttentionFlags(CLI::App* cmd, AttentionFlags& f, const std::string& tens
   cmd->add_flag("--verbose", f.verbose, "Print which kernel ran, why, and its scratch memory");
 }
 
+namespace {
+
+// Reads a .npy file; a failure names the flag: "--q: Q.npy: cannot open ...".
+NpyArray ReadFlag(const std::string& path, const char* flag) {
+  try {
+    return ReadNpy(path);
+  } catch (const Error& e) {
+    throw Error(std::string(flag) + ": " + e.what());
+  }
+}
+
+}  // namespace
+
 Input LoadTensor(const std::string& path, const char* flag, bool bshd) {
-  Input in{ReadNpy(path), {}};
+  Input in{ReadFlag(path, flag), {}};
   const NpyArray& a = in.array;
   if (a.shape.size() != 4) {
     throw Error(std::string(flag) + ": " + path + " has shape " + NpyShapeString(a.shape) +
@@ -70,12 +92,26 @@ Input RandomInput(const Shape4& shape, std::mt19937_64& rng) {
 
 RandomShapes ParseRandomShapes(const AttentionFlags& f) {
   const std::vector<int64_t> s = ParseIntList(f.shape, 4, "--shape", false);
-  if (f.kv_heads < 0 || f.seq_kv < -1) {
-    throw Error("--kv-heads / --seq-kv: negative value (expected --kv-heads >= 1, --seq-kv >= 0)");
-  }
+  // Each flag is checked by its own name: a bad --seq-kv must not blame --shape.
+  if (f.kv_heads < 0) CheckDimFlag("--kv-heads", f.kv_heads, 1);
+  if (f.seq_kv < -1) CheckDimFlag("--seq-kv", f.seq_kv, 0);
   const int64_t kv_heads = f.kv_heads > 0 ? f.kv_heads : s[1];
   const int64_t seq_kv = f.seq_kv >= 0 ? f.seq_kv : s[2];
   return {{s[0], s[1], s[2], s[3]}, {s[0], kv_heads, seq_kv, s[3]}};
+}
+
+void CheckRandomShapeDims(const AttentionFlags& f) {
+  const std::vector<int64_t> s = ParseIntList(f.shape, 4, "--shape", false);
+  for (int d = 0; d < 4; ++d) CheckDimFlag("--shape", s[d], 1);
+  if (f.kv_heads != 0) CheckDimFlag("--kv-heads", f.kv_heads, 1);
+  if (f.seq_kv != -1) CheckDimFlag("--seq-kv", f.seq_kv, 0);
+}
+
+std::string RandomShapeFlags(const AttentionFlags& f) {
+  std::string text = "--shape " + f.shape;
+  if (f.kv_heads != 0) text += " --kv-heads " + std::to_string(f.kv_heads);
+  if (f.seq_kv != -1) text += " --seq-kv " + std::to_string(f.seq_kv);
+  return text;
 }
 
 void ResolveMask(const AttentionFlags& f, const Shape4& target, MaskInputs* in, MaskSpec* spec) {
@@ -86,7 +122,7 @@ void ResolveMask(const AttentionFlags& f, const Shape4& target, MaskInputs* in, 
     spec->window_right = f.window[1];
   }
   if (!f.mask.empty()) {
-    in->mask = ReadNpy(f.mask);
+    in->mask = ReadFlag(f.mask, "--mask");
     if (in->mask.dtype == DType::kInt32 || in->mask.dtype == DType::kInt64) {
       throw Error("--mask: " + f.mask + " has dtype " + DTypeName(in->mask.dtype) +
                   " (expected bool, or float32/float16/float64 additive)");
@@ -94,7 +130,7 @@ void ResolveMask(const AttentionFlags& f, const Shape4& target, MaskInputs* in, 
     spec->mask = BroadcastMask(in->mask.bytes.data(), in->mask.dtype, in->mask.shape, target);
   }
   if (!f.key_lengths.empty()) {
-    in->lengths = ReadNpy(f.key_lengths);
+    in->lengths = ReadFlag(f.key_lengths, "--key-lengths");
     const NpyArray& l = in->lengths;
     if ((l.dtype != DType::kInt32 && l.dtype != DType::kInt64) || l.shape.size() != 1) {
       throw Error("--key-lengths: " + f.key_lengths + " is " + DTypeName(l.dtype) + " " +

@@ -60,6 +60,14 @@ struct RandomShapes {
 };
 RandomShapes ParseRandomShapes(const AttentionFlags& f);
 
+// Returns "--shape B,H,N,D" plus " --kv-heads G" and " --seq-kv N" when given:
+// the flags a memory check of random inputs names.
+std::string RandomShapeFlags(const AttentionFlags& f);
+
+// Throws naming the flag unless every random-mode dim is at most 2^31 - 1
+// (called after the memory check, whose message names all of them).
+void CheckRandomShapeDims(const AttentionFlags& f);
+
 // The arrays behind a MaskSpec, kept alive while it is used.
 struct MaskInputs {
   NpyArray mask, lengths;

@@ -92,13 +92,19 @@ int RunBackward(const BackwardFlags& f) {
                 "(expected --kernel auto or reference with --dmask)");
   }
 
+  CheckThreadsFlag(f.threads);
+  CheckOutputPaths({{"--q", f.q}, {"--k", f.k}, {"--v", f.v}, {"--dout", f.dout}, {"--out", f.out},
+                    {"--lse", f.lse}, {"--mask", f.mask}, {"--key-lengths", f.key_lengths}},
+                   {{"--dq", f.dq}, {"--dk", f.dk}, {"--dv", f.dv}, {"--dmask", f.dmask}});
+
   Input q, k, v, dout, out, lse;
   if (random) {
     const RandomShapes s = ParseRandomShapes(f);
     // q, dout, dq and the recomputed out (+ lse); k, v, dk, dv; float32.
     const double rows = 1.0 * s.q[0] * s.q[1] * s.q[2];
     const double kv_elems = 1.0 * s.kv[0] * s.kv[1] * s.kv[2] * s.kv[3];
-    CheckFitsInMemory("--shape " + f.shape, 4.0 * (rows * (4.0 * s.q[3] + 1.0) + 4.0 * kv_elems));
+    CheckFitsInMemory(RandomShapeFlags(f), 4.0 * (rows * (4.0 * s.q[3] + 1.0) + 4.0 * kv_elems));
+    CheckRandomShapeDims(f);
     std::mt19937_64 rng(f.seed);
     q = RandomInput(s.q, rng);
     k = RandomInput(s.kv, rng);
@@ -120,7 +126,11 @@ int RunBackward(const BackwardFlags& f) {
   }
   if (!f.lse.empty()) {
     // As `qkv attend --lse` writes it: [B, H, Nq] float32 in either layout.
-    lse.array = ReadNpy(f.lse);
+    try {
+      lse.array = ReadNpy(f.lse);
+    } catch (const Error& e) {
+      throw Error(std::string("--lse: ") + e.what());
+    }
     const std::vector<int64_t>& s = lse.array.shape;
     const bool shape_ok = (s.size() == 3 || (s.size() == 4 && s[3] == 1)) && s[0] == batch &&
                           s[1] == heads && s[2] == seq_q;

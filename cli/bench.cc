@@ -45,19 +45,35 @@ struct BenchFlags {
   int64_t cache_len = 0;
   int64_t heads = 32, head_dim = 128;
   std::string cache_dtype = "f32";
+  // The prefill-only options, refused with --decode (which would ignore them).
+  std::vector<const CLI::Option*> prefill_only;
+  const CLI::Option* kv_heads_option = nullptr;
 };
 
 int RunBench(const BenchFlags& f) {
   if (f.backward && f.decode) {
     throw Error("--backward times the prefill backward (expected --shape without --decode)");
   }
+  CheckThreadsFlag(f.threads);
+  if (f.repeat < 1 || f.repeat > 10000) {
+    throw Error("--repeat: " + std::to_string(f.repeat) + " (expected 1 to 10000)");
+  }
   if (f.decode) {
     if (!f.shape.empty()) throw Error("--shape is for prefill (expected --cache-len with --decode)");
-    if (f.cache_len < 1) throw Error("--cache-len: expected >= 1 with --decode");
+    for (const CLI::Option* option : f.prefill_only) {
+      if (option->count() > 0) {
+        throw Error(option->get_name() + ": does not apply to --decode (expected it only with " +
+                    "--shape; --decode takes --cache-len, --heads, --kv-heads, --head-dim, " +
+                    "--cache-dtype, --threads, --repeat and --json)");
+      }
+    }
+    CheckDimFlag("--cache-len", f.cache_len, 1);
+    const bool kv_given = f.kv_heads_option != nullptr && f.kv_heads_option->count() > 0;
+    if (kv_given) CheckDimFlag("--kv-heads", f.kv_heads, 1);
     DecodeBenchArgs a;
     a.cache_len = f.cache_len;
     a.heads = f.heads;
-    a.kv_heads = f.kv_heads > 0 ? f.kv_heads : 8;
+    a.kv_heads = kv_given ? f.kv_heads : 8;
     a.head_dim = f.head_dim;
     a.cache_dtype = f.cache_dtype;
     a.threads = f.threads;
@@ -67,12 +83,8 @@ int RunBench(const BenchFlags& f) {
   }
   if (f.shape.empty()) throw Error("--shape is required (expected B,H,N,D, or --decode)");
   const std::vector<int64_t> s = ParseIntList(f.shape, 4, "--shape", false);
-  if (f.kv_heads < 0 || f.seq_kv < -1) {
-    throw Error("--kv-heads / --seq-kv: negative value (expected --kv-heads >= 1, --seq-kv >= 0)");
-  }
-  if (f.repeat < 1 || f.repeat > 10000) {
-    throw Error("--repeat: " + std::to_string(f.repeat) + " (expected 1 to 10000)");
-  }
+  if (f.kv_heads < 0) CheckDimFlag("--kv-heads", f.kv_heads, 1);
+  if (f.seq_kv < -1) CheckDimFlag("--seq-kv", f.seq_kv, 0);
   const int64_t batch = s[0], heads = s[1], seq_q = s[2], dim = s[3];
   const int64_t kv_heads = f.kv_heads > 0 ? f.kv_heads : heads;
   const int64_t seq_kv = f.seq_kv >= 0 ? f.seq_kv : seq_q;
@@ -81,7 +93,10 @@ int RunBench(const BenchFlags& f) {
   const double kv_elems = 1.0 * batch * kv_heads * seq_kv * dim;
   // Forward: q, out; k, v. Backward adds dout, dq; dk, dv; lse (float32).
   const double copies = f.backward ? 4 : 2;
-  CheckFitsInMemory("--shape " + f.shape, copies * (q_elems + kv_elems) * DTypeSize(dtype) +
+  std::string flags = "--shape " + f.shape;
+  if (f.kv_heads != 0) flags += " --kv-heads " + std::to_string(f.kv_heads);
+  if (f.seq_kv != -1) flags += " --seq-kv " + std::to_string(f.seq_kv);
+  CheckFitsInMemory(flags, copies * (q_elems + kv_elems) * DTypeSize(dtype) +
                                               (f.backward ? 4.0 * batch * heads * seq_q : 0.0));
 
   std::mt19937_64 rng(1);
@@ -171,16 +186,18 @@ Runner AddBenchCommand(CLI::App& app) {
   BenchFlags& f = *flags;
   CLI::App* cmd = app.add_subcommand("bench", "Time attention on random inputs (GFLOP/s, memory)");
   cmd->add_option("--shape", f.shape, "Prefill B,H,N,D: batch, query heads, sequence, head dim");
-  cmd->add_option("--kv-heads", f.kv_heads, "KV heads (default H; fewer = GQA/MQA; --decode: 8)");
-  cmd->add_option("--seq-kv", f.seq_kv, "Key count Nk (default N)");
-  cmd->add_flag("--causal", f.causal, "Causal (bottom-right); flops count allowed pairs only");
+  f.kv_heads_option =
+      cmd->add_option("--kv-heads", f.kv_heads, "KV heads (default H; fewer = GQA/MQA; --decode: 8)");
+  f.prefill_only.push_back(cmd->add_option("--seq-kv", f.seq_kv, "Key count Nk (default N)"));
+  f.prefill_only.push_back(
+      cmd->add_flag("--causal", f.causal, "Causal (bottom-right); flops count allowed pairs only"));
   cmd->add_option("--threads", f.threads, "Threads (0 = all cores)")->capture_default_str();
-  cmd->add_option("--kernel", f.kernel, "Kernel")
-      ->check(CLI::IsMember(KernelNames()))
-      ->capture_default_str();
-  cmd->add_option("--dtype", f.dtype, "Input and output dtype")
-      ->check(CLI::IsMember({"f32", "f16"}))
-      ->capture_default_str();
+  f.prefill_only.push_back(cmd->add_option("--kernel", f.kernel, "Kernel")
+                               ->check(CLI::IsMember(KernelNames()))
+                               ->capture_default_str());
+  f.prefill_only.push_back(cmd->add_option("--dtype", f.dtype, "Input and output dtype")
+                               ->check(CLI::IsMember({"f32", "f16"}))
+                               ->capture_default_str());
   cmd->add_option("--repeat", f.repeat, "Timed runs after one warm-up")->capture_default_str();
   cmd->add_flag("--json", f.json,
                 "Print one JSON object: median_s, min_s, max_s, flops, gflops, peak_rss_bytes, "

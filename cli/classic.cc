@@ -105,9 +105,25 @@ int RunClassic(const ClassicFlags& f) {
     }
   }
 
+  CheckOutputPaths({{"--state", f.state}, {"--encoder", f.encoder}, {"--w1", f.w1},
+                    {"--w2", f.w2}, {"--v", f.v}, {"--w", f.w}, {"--mask", f.mask}},
+                   {{"--context", f.context}, {"--weights", f.weights}, {"--scores", f.scores}});
+
   const Input state = Load(f.state, "--state", 1, "1 dim, [dec_dim]");
   const Input encoder = Load(f.encoder, "--encoder", 2, "2 dims, [seq_kv, enc_dim]");
   const int64_t dec_dim = state.shape[0], seq_kv = encoder.shape[0], enc_dim = encoder.shape[1];
+  // A zero-size encoder costs no file bytes whatever its other dim, which
+  // sizes the weights (and every score buffer) or the context: a 128-byte
+  // (4294967296, 0) would ask for 100 GB. An encoder has at least one state
+  // of at least one feature.
+  if (seq_kv < 1 || enc_dim < 1) {
+    throw Error("--encoder: " + f.encoder + " has shape " + Shape(encoder.shape) +
+                " (expected [seq_kv, enc_dim] with seq_kv >= 1 and enc_dim >= 1)");
+  }
+  // Every buffer of the step: the outputs (weights always, for the library),
+  // and the library's scores, weights and context in double.
+  CheckFitsInMemory("--encoder " + f.encoder + " (seq_kv " + std::to_string(seq_kv) + ")",
+                    4.0 * (enc_dim + 2.0 * seq_kv) + 8.0 * (2.0 * seq_kv + enc_dim));
   const std::string dec = std::to_string(dec_dim), enc = std::to_string(enc_dim);
   const Input v = Load(f.v, "--v", 1, "1 dim, [attn_dim]");
   const int64_t attn_dim = v.shape.empty() ? 0 : v.shape[0];

@@ -6,6 +6,7 @@
 #define QKV_CLI_COMMANDS_H_
 
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <string>
 
@@ -14,6 +15,17 @@
 namespace qkv::cli {
 
 using Runner = std::function<int()>;
+
+// Runs `qkv argv[1..]`: parses, runs the command and returns its exit status;
+// every error is one line on `err` (cli/app.cc). Never calls exit().
+// `adjust`, when given, is called on the app before parsing (the fuzz targets
+// lower defaults with it).
+int RunCommandLine(int argc, char** argv, std::FILE* err,
+                   const std::function<void(CLI::App&)>& adjust = {});
+
+// Flushes stdout and returns `status`, or 2 with one line on stderr when a
+// write to stdout failed (a full disk, /dev/full) and status was 0.
+int FinishStdout(int status);
 
 Runner AddAttendCommand(CLI::App& app);
 Runner AddBackwardCommand(CLI::App& app);

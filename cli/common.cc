@@ -5,10 +5,15 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <set>
+#include <system_error>
 
 #include "qkv/error.h"
+#include "validate.h"
 
 namespace qkv::cli {
 
@@ -41,13 +46,123 @@ std::vector<int64_t> ParseIntList(const std::string& text, size_t count, const c
   return values;
 }
 
+namespace {
+
+double memory_limit_for_testing = 0.0;
+
+}  // namespace
+
+void SetMemoryLimitForTesting(double bytes) { memory_limit_for_testing = bytes; }
+
 void CheckFitsInMemory(const std::string& what, double bytes) {
+  if (memory_limit_for_testing > 0.0) {
+    if (bytes > memory_limit_for_testing) {
+      throw Error(what + " would need " + HumanBytes(bytes) + " (expected at most the test limit " +
+                  HumanBytes(memory_limit_for_testing) + ")");
+    }
+    return;
+  }
   const double physical =
       static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
   if (bytes > 0.75 * physical) {
     throw Error(what + " would need " + HumanBytes(bytes) + " (expected at most 3/4 of this " +
                 "machine's " + HumanBytes(physical) + " of memory)");
   }
+}
+
+void CheckDimFlag(const char* flag, int64_t value, int64_t min) {
+  if (value < min || value > internal::kMaxDim) {
+    throw Error(std::string(flag) + ": " + std::to_string(value) + " (expected " +
+                std::to_string(min) + " to 2^31 - 1)");
+  }
+}
+
+void CheckThreadsFlag(int threads, const char* flag) {
+  if (threads < 0 || threads > internal::kMaxThreads) {
+    throw Error(std::string(flag) + ": " + std::to_string(threads) + " (expected 0 to " +
+                std::to_string(internal::kMaxThreads) + "; 0 = all cores)");
+  }
+}
+
+void CheckThreadEnvironment() { internal::CheckDefaultThreads(); }
+
+namespace {
+
+// Where a path leads: its device and inode when it exists, and its absolute
+// path with ".", ".." and symlinks resolved as far as it exists.
+struct Identity {
+  bool exists = false;
+  dev_t dev = 0;
+  ino_t ino = 0;
+  std::string canonical;
+};
+
+Identity Identify(const std::string& path) {
+  Identity id;
+  struct stat st {};
+  if (stat(path.c_str(), &st) == 0) {
+    id.exists = true;
+    id.dev = st.st_dev;
+    id.ino = st.st_ino;
+  }
+  std::error_code ec;
+  const std::filesystem::path absolute = std::filesystem::absolute(path, ec);
+  const std::filesystem::path canonical =
+      ec ? std::filesystem::path(path) : std::filesystem::weakly_canonical(absolute, ec);
+  id.canonical = ec ? absolute.lexically_normal().string() : canonical.string();
+  return id;
+}
+
+bool SameFile(const Identity& a, const Identity& b) {
+  if (a.exists && b.exists) return a.dev == b.dev && a.ino == b.ino;
+  return a.canonical == b.canonical;
+}
+
+}  // namespace
+
+void CheckOutputPaths(const std::vector<FlagPath>& inputs, const std::vector<FlagPath>& outputs) {
+  std::vector<std::pair<const FlagPath*, Identity>> in, out;
+  for (const FlagPath& p : inputs) {
+    if (!p.path.empty()) in.emplace_back(&p, Identify(p.path));
+  }
+  for (const FlagPath& p : outputs) {
+    if (p.path.empty()) continue;
+    const Identity id = Identify(p.path);
+    for (const auto& [other, other_id] : out) {
+      if (p.path == other->path || SameFile(id, other_id)) {
+        throw Error(std::string(p.flag) + ": output path '" + p.path + "' is given twice (also " +
+                    other->flag + " '" + other->path +
+                    "'; expected a different file for each output)");
+      }
+    }
+    for (const auto& [input, input_id] : in) {
+      if (SameFile(id, input_id)) {
+        throw Error(std::string(p.flag) + ": " + p.path + " is the same file as " + input->flag +
+                    " " + input->path +
+                    " (expected an output path that is not an input; it would be overwritten)");
+      }
+    }
+    out.emplace_back(&p, id);
+  }
+}
+
+std::string Printable(const std::string& text) {
+  std::string out;
+  for (const char c : text) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (u < 0x20 || u == 0x7f) {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "\\x%02x", u);
+      out += hex;
+    } else {
+      out += c;
+    }
+  }
+  return out;
 }
 
 double Median(std::vector<double> times) {
@@ -95,6 +210,32 @@ void OutputSet::Add(std::string path, DType dtype, std::vector<int64_t> shape,
 }
 
 void OutputSet::Commit() {
+  // Refuse targets a rename cannot or must not replace (a directory; a FIFO
+  // or device, which rename would unlink) before writing anything.
+  for (const Entry& e : entries_) {
+    struct stat st {};
+    if (lstat(e.path.c_str(), &st) != 0 || S_ISLNK(st.st_mode)) continue;
+    if (S_ISREG(st.st_mode)) {
+      // Outputs are .npy files: replacing an existing file of another kind
+      // (a model.safetensors given to attend's --weights, meant for mha's)
+      // is refused. An empty file may be replaced.
+      unsigned char head[6] = {};
+      std::FILE* f = st.st_size > 0 ? std::fopen(e.path.c_str(), "rb") : nullptr;
+      const bool npy = f == nullptr || (std::fread(head, 1, sizeof head, f) == sizeof head &&
+                                        std::memcmp(head, "\x93NUMPY", sizeof head) == 0);
+      if (f != nullptr) std::fclose(f);
+      if (!npy) {
+        throw Error(e.path + ": exists and is not a .npy file (expected a new path, or a .npy " +
+                    "file to replace; outputs never overwrite other files)");
+      }
+      continue;
+    }
+    if (S_ISDIR(st.st_mode)) {
+      throw Error(e.path + ": is a directory (expected a file path for the output)");
+    }
+    throw Error(e.path + ": exists and is not a regular file (expected a regular file path " +
+                "for the output; a FIFO or device would be replaced)");
+  }
   std::vector<std::string> temps;
   auto remove_temps = [&temps] {
     for (const std::string& t : temps) std::remove(t.c_str());
@@ -104,22 +245,21 @@ void OutputSet::Commit() {
       temps.push_back(e.path + ".qkv-tmp-" + std::to_string(getpid()));
       try {
         WriteNpy(temps.back(), e.dtype, e.shape, e.data);
-      } catch (const Error&) {
-        throw Error(e.path + ": cannot be written (expected a writable file path)");
-      }
-    }
-    // Every temporary is written; refuse targets a rename cannot replace
-    // (directories) before renaming any, so the set lands whole or not at all.
-    for (const Entry& e : entries_) {
-      struct stat st {};
-      if (stat(e.path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
-        throw Error(e.path + ": is a directory (expected a file path for the output)");
+      } catch (const Error& error) {
+        // WriteNpy names the temporary; name the output path instead and keep
+        // its reason ("cannot create: Read-only file system (...)").
+        std::string what = error.what();
+        const std::string prefix = temps.back() + ": ";
+        if (what.compare(0, prefix.size(), prefix) == 0) what = what.substr(prefix.size());
+        throw Error(e.path + ": cannot be written: " + what);
       }
     }
     for (size_t i = 0; i < entries_.size(); ++i) {
       if (std::rename(temps[i].c_str(), entries_[i].path.c_str()) != 0) {
+        const int error = errno;
         for (size_t done = 0; done < i; ++done) std::remove(entries_[done].path.c_str());
-        throw Error(entries_[i].path + ": cannot write output (expected a writable path)");
+        throw Error(entries_[i].path + ": cannot write output: " + std::strerror(error) +
+                    " (expected a writable path)");
       }
     }
     temps.clear();

@@ -17,8 +17,41 @@ std::vector<int64_t> ParseIntList(const std::string& text, size_t count, const c
                                   bool allow_zero);
 
 // Throws qkv::Error unless `bytes` (what `what` would allocate) fits in 3/4 of
-// this machine's physical memory: no request may allocate without bound.
+// this machine's physical memory (or the limit set below): no request may
+// allocate without bound.
 void CheckFitsInMemory(const std::string& what, double bytes);
+
+// Lowers the limit CheckFitsInMemory holds requests to (bytes; 0 restores
+// 3/4 of physical memory). For the fuzz targets, which must stay small.
+void SetMemoryLimitForTesting(double bytes);
+
+// Throws qkv::Error naming `flag` unless min <= value <= 2^31 - 1 (every
+// tensor dim fits int32, as in the library).
+void CheckDimFlag(const char* flag, int64_t value, int64_t min);
+
+// Throws qkv::Error naming `flag` unless 0 <= threads <= 1024 (0 = all cores).
+void CheckThreadsFlag(int threads, const char* flag = "--threads");
+
+// Throws qkv::Error naming OMP_NUM_THREADS when OpenMP's default thread count
+// exceeds the 1024 that --threads allows (every command checks it first).
+void CheckThreadEnvironment();
+
+// A path given by a flag, for the same-file checks below.
+struct FlagPath {
+  const char* flag;
+  std::string path;
+};
+
+// Throws qkv::Error naming both flags when an output is the same file as an
+// input (same device and inode, so links and spellings like ./o.npy are
+// caught) or two outputs are the same path (compared after resolving "."
+// "..", symlinks and, for existing files, device and inode). Empty paths are
+// skipped. Commands call it before reading anything.
+void CheckOutputPaths(const std::vector<FlagPath>& inputs, const std::vector<FlagPath>& outputs);
+
+// Returns `text` with control characters (a newline in a path) written as
+// \n, \t or \xNN, so that an error message stays one line.
+std::string Printable(const std::string& text);
 
 // Returns the median of `times` (the mean of the middle two for an even
 // count); `times` must not be empty.
@@ -33,7 +66,8 @@ std::string HumanBytes(double bytes);
 // A set of output arrays written all-or-nothing: Commit() writes each to a
 // temporary file beside its target, then renames them all into place; on
 // any failure every temporary is removed and qkv::Error is thrown, so no
-// half-written output is ever left behind.
+// half-written output is ever left behind. Errors keep the system's reason
+// (no such directory, read-only file system, no space left on device).
 class OutputSet {
  public:
   void Add(std::string path, DType dtype, std::vector<int64_t> shape, const void* data);

@@ -7,6 +7,7 @@
 // bound by it (each cached byte is used for ~num_q_heads / num_kv_heads
 // multiply-adds).
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -21,6 +22,7 @@
 #include "qkv/decode.h"
 #include "qkv/error.h"
 #include "qkv/kv_cache.h"
+#include "validate.h"
 
 namespace qkv::cli {
 namespace {
@@ -76,19 +78,61 @@ std::vector<float> Random(int64_t n, std::mt19937_64& rng) {
   return x;
 }
 
-void CheckFlags(const DecodeFlags& f) {
-  if (f.heads < 1 || f.kv_heads < 1 || f.head_dim < 1 || f.heads % f.kv_heads != 0) {
-    throw Error("--heads / --kv-heads / --head-dim: " + std::to_string(f.heads) + " / " +
-                std::to_string(f.kv_heads) + " / " + std::to_string(f.head_dim) +
-                " (expected positive, with --kv-heads dividing --heads)");
+// Checks each flag by its own name, then the memory of every buffer the run
+// allocates, before allocating any: the cache, the float32 K and V staging of
+// the prompt (both alive while it is appended), q and out, and the decode
+// kernel's partial results. `bench` names --cache-len (qkv bench --decode)
+// instead of --prompt / --generate.
+void CheckFlags(const DecodeFlags& f, bool bench) {
+  CheckDimFlag("--heads", f.heads, 1);
+  CheckDimFlag("--kv-heads", f.kv_heads, 1);
+  CheckDimFlag("--head-dim", f.head_dim, 1);
+  if (f.heads % f.kv_heads != 0) {
+    throw Error("--kv-heads: " + std::to_string(f.kv_heads) + " does not divide --heads " +
+                std::to_string(f.heads) + " (expected a divisor: MHA equal, GQA a divisor, MQA 1)");
   }
-  if (f.prompt < 0 || f.generate < 1 || f.repeat < 1 || f.repeat > 10000) {
-    throw Error("--prompt / --generate / --repeat: expected prompt >= 0, generate >= 1, "
-                "1 <= repeat <= 10000");
+  if (f.repeat < 1 || f.repeat > 10000) {
+    throw Error("--repeat: " + std::to_string(f.repeat) + " (expected 1 to 10000)");
   }
-  const double bytes = 2.0 * f.kv_heads * f.head_dim * (f.prompt + f.generate) *
-                       DTypeSize(CacheDType(f.cache_dtype));
-  CheckFitsInMemory("the KV cache", bytes);
+  CheckThreadsFlag(f.threads);
+  if (bench) {
+    CheckDimFlag("--cache-len", f.prompt, 1);
+  } else {
+    CheckDimFlag("--prompt", f.prompt, 0);
+    CheckDimFlag("--generate", f.generate, 1);
+    if (f.prompt + f.generate > internal::kMaxDim) {
+      throw Error("--prompt + --generate: " + std::to_string(f.prompt + f.generate) +
+                  " tokens (expected at most 2^31 - 1)");
+    }
+  }
+  // The cache's own field names are kept in the message (KvCacheConfig).
+  auto check_cache = [](const char* flag, int64_t value, int64_t min, const char* field) {
+    if (value < min || value > internal::kMaxDim) {
+      throw Error(std::string(flag) + ": " + std::to_string(value) + " (expected " + field + " " +
+                  std::to_string(min) + " to 2^31 - 1)");
+    }
+  };
+  if (f.cache == "sliding" || f.cache == "sinks") check_cache("--window", f.window, 1, "window");
+  if (f.cache == "sinks") check_cache("--sinks", f.sinks, 0, "num_sinks");
+  if (f.cache == "paged") check_cache("--block-size", f.block_size, 1, "block_size");
+  const double tokens = static_cast<double>(f.prompt + f.generate);
+  const double kv = static_cast<double>(f.kv_heads), dim = static_cast<double>(f.head_dim);
+  const bool int8 = CacheDType(f.cache_dtype) == DType::kInt8;
+  const double per_token = 2.0 * kv * dim * DTypeSize(CacheDType(f.cache_dtype)) +
+                           (int8 ? 2.0 * kv * 4.0 : 0.0);  // + int8 scales
+  double slots = tokens;
+  if (f.cache == "paged") {
+    slots = std::ceil(tokens / static_cast<double>(f.block_size)) * f.block_size;
+  }
+  const double cache = per_token * slots;
+  const double staging = 2.0 * 4.0 * kv * dim * static_cast<double>(std::max<int64_t>(f.prompt, 1));
+  const double q_out = 2.0 * 4.0 * static_cast<double>(f.heads) * dim;
+  const double partials =
+      4.0 * static_cast<double>(f.heads) * (dim + 2.0) * (std::ceil(tokens / 2048.0) + 1.0);
+  CheckFitsInMemory(std::string(bench ? "--cache-len" : "--prompt + --generate") +
+                        " with --heads, --kv-heads, --head-dim and --cache-dtype (the KV cache " +
+                        HumanBytes(cache) + ", its float32 staging " + HumanBytes(staging) + ")",
+                    cache + staging + q_out + partials);
 }
 
 // Appends n random tokens to `seq`.
@@ -120,7 +164,7 @@ double Now() {
 }
 
 int RunDecode(const DecodeFlags& f) {
-  CheckFlags(f);
+  CheckFlags(f, false);
   KvCache cache(MakeConfig(f, f.prompt + f.generate));
   const int64_t seq = cache.AddSequence();
   std::mt19937_64 rng(1);
@@ -156,8 +200,7 @@ int RunDecodeBench(const DecodeFlags& f, int64_t cache_len) {
   DecodeFlags g = f;
   g.prompt = cache_len;
   g.generate = 1;
-  CheckFlags(g);
-  if (cache_len < 1) throw Error("--cache-len: expected >= 1");
+  CheckFlags(g, true);
   KvCache cache(MakeConfig(g, cache_len));
   const int64_t seq = cache.AddSequence();
   std::mt19937_64 rng(1);

@@ -14,6 +14,7 @@
 #include "qkv/error.h"
 #include "qkv/npy.h"
 #include "qkv/safetensors.h"
+#include "validate.h"
 
 namespace qkv::cli {
 namespace {
@@ -66,6 +67,14 @@ Input LoadInput(const std::string& path, const char* flag, const char* dims) {
     throw Error(std::string(flag) + ": " + path + " has dtype " + DTypeName(a.dtype) +
                 " (expected float32, float16 or float64)");
   }
+  // Zero-size inputs cost no file bytes; a dim past 2^31 - 1 is refused
+  // here, by the flag's name, not later as the library's "q:".
+  for (const int64_t dim : a.shape) {
+    if (dim > internal::kMaxDim) {
+      throw Error(std::string(flag) + ": " + path + " has shape " + NpyShapeString(a.shape) +
+                  " (expected each dim at most 2^31 - 1)");
+    }
+  }
   in.shape = a.shape;
   return in;
 }
@@ -92,6 +101,11 @@ int RunMha(const MhaFlags& f) {
                 (f.key.empty() ? "--key" : "--value") +
                 " (expected both for cross-attention, or neither for self-attention)");
   }
+  CheckThreadsFlag(f.threads);
+  CheckOutputPaths({{"--query", f.query}, {"--key", f.key}, {"--value", f.value},
+                    {"--weights", f.weights}, {"--key-padding-mask", f.key_padding_mask},
+                    {"--attn-mask", f.attn_mask}},
+                   {{"--out", f.out}, {"--attn-weights", f.attn_weights}});
   const Input query = LoadInput(f.query, "--query", "[batch, seq_q, embed_dim]");
   const int64_t batch = query.shape[0], seq_q = query.shape[1], embed_dim = query.shape[2];
   const bool cross = !f.key.empty();
@@ -120,9 +134,6 @@ int RunMha(const MhaFlags& f) {
   if (f.kv_heads < 0 || (f.kv_heads > 0 && f.heads % f.kv_heads != 0)) {
     throw Error("--kv-heads: " + std::to_string(f.kv_heads) + " (expected a divisor of --heads " +
                 std::to_string(f.heads) + ")");
-  }
-  if (f.threads < 0 || f.threads > 1024) {
-    throw Error("--threads: " + std::to_string(f.threads) + " (expected 0 to 1024; 0 = all cores)");
   }
   const MhaConfig config{.embed_dim = embed_dim,
                          .num_heads = f.heads,
@@ -166,7 +177,8 @@ int RunMha(const MhaFlags& f) {
   // Outputs and working memory (projections, O, the mask and per-head weights).
   const double weight_elems = f.attn_weights.empty() ? 0.0 : 1.0 * batch * seq_q * seq_kv;
   const double per_head_elems = f.attn_weights.empty() ? 0.0 : weight_elems * f.heads;
-  CheckFitsInMemory("this layer",
+  CheckFitsInMemory("--query " + f.query + (cross ? " with --key " + f.key : std::string()) +
+                        (f.attn_weights.empty() ? "" : " and --attn-weights") + ": this layer",
                     4.0 * (3.0 * batch * seq_q * embed_dim + 2.0 * batch * seq_kv * embed_dim +
                            1.0 * batch * seq_q * seq_kv + per_head_elems + weight_elems));
   std::vector<float> out(static_cast<size_t>(batch * seq_q * embed_dim));

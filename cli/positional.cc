@@ -90,13 +90,6 @@ void AddOutput(OutputSet& outputs, std::vector<uint16_t>& half, const std::strin
   }
 }
 
-void CheckNonNegative(const char* flag, int64_t value, int64_t min = 0) {
-  if (value < min) {
-    throw Error(std::string(flag) + ": " + std::to_string(value) +
-                " (expected >= " + std::to_string(min) + ")");
-  }
-}
-
 int RunSinusoidal(const PositionsFlags& f) {
   if (!f.seq || !f.dim || f.out.empty()) {
     throw Error(
@@ -104,8 +97,8 @@ int RunSinusoidal(const PositionsFlags& f) {
         "--dim D --out PE.npy)");
   }
   const int64_t seq = *f.seq, dim = *f.dim;
-  CheckNonNegative("--seq", seq);
-  CheckNonNegative("--dim", dim);
+  CheckDimFlag("--seq", seq, 0);
+  CheckDimFlag("--dim", dim, 0);
   CheckFitsInMemory("--seq * --dim", 4.0 * seq * dim);
   std::vector<float> pe(seq * dim);
   try {
@@ -199,7 +192,7 @@ int RunAlibi(const PositionsFlags& f) {
     throw Error("--seq-q / --seq-kv: size the bias of --out (expected them only with --out)");
   }
   const int64_t heads = *f.heads;
-  CheckNonNegative("--heads", heads, 1);
+  CheckDimFlag("--heads", heads, 1);
   std::vector<double> slopes;
   try {
     slopes = AlibiSlopes(heads);
@@ -210,8 +203,8 @@ int RunAlibi(const PositionsFlags& f) {
   std::vector<float> bias, slopes_f(slopes.begin(), slopes.end());
   if (!f.out.empty()) {
     const int64_t seq_q = *f.seq_q, seq_kv = f.seq_kv.value_or(seq_q);
-    CheckNonNegative("--seq-q", seq_q);
-    CheckNonNegative("--seq-kv", seq_kv);
+    CheckDimFlag("--seq-q", seq_q, 0);
+    CheckDimFlag("--seq-kv", seq_kv, 0);
     CheckFitsInMemory("--heads * --seq-q * --seq-kv", 4.0 * heads * seq_q * seq_kv);
     bias.resize(heads * seq_q * seq_kv);
     AlibiParams params;
@@ -241,6 +234,8 @@ int RunPositions(const PositionsFlags& f) {
                   "with --kind " + list + ")");
     }
   }
+  CheckOutputPaths({{"--x", f.x}, {"--table", f.table}},
+                   {{"--out", f.out}, {"--slopes-out", f.slopes_out}});
   if (f.kind == "sinusoidal") return RunSinusoidal(f);
   if (f.kind == "learned") return RunLearned(f);
   if (f.kind == "rope") return RunRope(f);

@@ -6,11 +6,14 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "qkv/error.h"
 #include "kernels/flash_attention.h"
+#include "mask_rules.h"
 #include "reference/reference_attention.h"
+#include "reference/reference_util.h"
 #include "validate.h"
 
 namespace qkv {
@@ -95,8 +98,7 @@ Problem ValidateInputs(const TensorView& q, const TensorView& k, const TensorVie
   if (!std::isfinite(pr.scale)) {
     throw Error("scale: " + std::to_string(pr.scale) + " (expected a finite number)");
   }
-  internal::CheckThreads(num_threads);
-  pr.threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  pr.threads = internal::ResolveThreads(num_threads);
   return pr;
 }
 
@@ -165,6 +167,48 @@ AttentionInfo Choose(const AttentionParams& params) {
   return info;
 }
 
+// True when only lse is asked of a problem whose head dims are both 0 and
+// whose explicit mask (if any) is constant along seq_kv: every allowed score is
+// then scale * 0 + m with the same m across the row, so lse has a closed form.
+// Then seq_kv may be 2^31 - 1 keys that cost no memory (zero-size k and v in a
+// 128-byte file), and the kernels would loop over all of them for every row.
+bool LseOnlyClosedForm(const AttentionParams& params, const Problem& pr) {
+  if (pr.head_dim != 0 || pr.head_dim_v != 0 || params.weights.present()) return false;
+  if (!params.lse.present() || params.lse.numel() == 0) return false;
+  const TensorView& m = params.mask.mask;
+  return !m.present() || pr.seq_kv <= 1 || m.strides[3] == 0;
+}
+
+// lse[b,h,i] = m + log(n) for the n keys the causal, window and key-length
+// rules allow (the reference kernel's arithmetic on n equal scores m): -inf
+// when n = 0 or m = -inf (a masked row), NaN when m is NaN or +inf (as
+// exp(m - max) is). Work: one pass over the lse rows, bounded by its size.
+void LseClosedForm(const AttentionParams& params, const Problem& pr) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const TensorView& mask = params.mask.mask;
+  for (int64_t b = 0; b < pr.batch; ++b) {
+    const int64_t key_length =
+        params.mask.key_lengths.empty() ? pr.seq_kv : params.mask.key_lengths[b];
+    for (int64_t i = 0; i < pr.seq_q; ++i) {
+      const internal::KeyRange r =
+          internal::RowKeyRange(params.mask, pr.seq_q, pr.seq_kv, i, key_length);
+      const int64_t n = r.hi - r.lo;
+      for (int64_t h = 0; h < pr.num_q_heads; ++h) {
+        const double m =
+            mask.present() && n > 0 ? internal::MaskValue<double>(mask, b, h, i, r.lo) : 0.0;
+        double lse = m + std::log(static_cast<double>(n));
+        if (n == 0 || m == -inf) {
+          lse = -inf;
+        } else if (std::isnan(m) || m == inf) {
+          lse = std::numeric_limits<double>::quiet_NaN();
+        }
+        internal::StoreAs<double>(params.lse.data, params.lse.dtype, params.lse.Offset(b, h, i, 0),
+                                  lse);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 double DefaultScale(int64_t head_dim) {
@@ -205,6 +249,12 @@ AttentionInfo Attention(const AttentionParams& params) {
   } else {
     info.simd_target = "baseline";  // compiler-vectorised for the build's base ISA
     info.scratch_bytes = internal::ReferenceScratchBytes(problem, params.accumulate);
+  }
+  if (LseOnlyClosedForm(params, problem)) {
+    info.scratch_bytes = 0;
+    info.reason += "; lse in closed form (head dims 0: every score is 0 plus the mask)";
+    LseClosedForm(params, problem);
+    return info;
   }
   CheckScratch(info);
   // Nothing to write (e.g. seq_q = 0, or head_dim_v = 0 without lse or

@@ -156,8 +156,7 @@ DecodePlan Validate(const DecodeParams& p) {
   if (!std::isfinite(plan.scale)) {
     throw Error("scale: " + std::to_string(plan.scale) + " (expected a finite number)");
   }
-  internal::CheckThreads(p.num_threads);
-  plan.threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+  plan.threads = internal::ResolveThreads(p.num_threads);
 
   // Work items (b, g, split) and partial slots (b, h, i, split).
   plan.splits.resize(plan.batch);

@@ -1,6 +1,8 @@
 #include "file_util.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -14,17 +16,45 @@ void Fail(const std::string& name, const std::string& problem, const std::string
 }
 
 FilePtr OpenRegularFile(const std::string& path, const std::string& kind, uint64_t* size) {
-  FilePtr f(std::fopen(path.c_str(), "rb"));
-  if (!f) {
+  // O_NONBLOCK: opening a FIFO for reading blocks until a writer appears, so
+  // the type is checked on a descriptor opened without waiting, before any
+  // read; for a regular file the flag changes nothing and is cleared anyway.
+  const int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+  if (fd < 0) {
     Fail(path, std::string("cannot open: ") + std::strerror(errno),
          "an existing readable " + kind);
   }
   struct stat st;
-  if (fstat(fileno(f.get()), &st) != 0) {
-    Fail(path, std::string("cannot stat: ") + std::strerror(errno), "a readable " + kind);
+  if (fstat(fd, &st) != 0) {
+    const int error = errno;
+    close(fd);
+    Fail(path, std::string("cannot stat: ") + std::strerror(error), "a readable " + kind);
   }
-  if (S_ISDIR(st.st_mode)) Fail(path, "is a directory", "a " + kind);
-  if (!S_ISREG(st.st_mode)) Fail(path, "is not a regular file", "a " + kind);
+  if (!S_ISREG(st.st_mode)) {
+    close(fd);
+    if (S_ISDIR(st.st_mode)) Fail(path, "is a directory", "a " + kind);
+    Fail(path,
+         std::string("is not a regular file (") +
+             (S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)
+                                                    ? "a device"
+                                                    : "a socket or special file") +
+             ")",
+         "a " + kind);
+  }
+  const int flags = fcntl(fd, F_GETFL);
+  if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    const int error = errno;
+    close(fd);
+    Fail(path, std::string("cannot open: ") + std::strerror(error),
+         "an existing readable " + kind);
+  }
+  FilePtr f(fdopen(fd, "rb"));
+  if (!f) {
+    const int error = errno;
+    close(fd);
+    Fail(path, std::string("cannot open: ") + std::strerror(error),
+         "an existing readable " + kind);
+  }
   *size = static_cast<uint64_t>(st.st_size);
   return f;
 }

@@ -26,6 +26,7 @@
 
 #include "qkv/attention.h"
 #include "qkv/error.h"
+#include "validate.h"
 
 namespace qkv {
 namespace {
@@ -381,7 +382,7 @@ AttentionInfo MultiHeadAttention::Forward(const MhaParams& p) const {
   const bool averaged = !p.attn_weights.empty() && p.average_attn_weights;
   CheckWorkingMemory(4.0 * (2.0 * batch * seq_q * e + 2.0 * batch * seq_kv * kv_out +
                             (averaged ? 1.0 * per_head : 0.0)));
-  const int threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+  const int threads = internal::ResolveThreads(p.num_threads);
 
   // 1. Projections: [B*N, in] -> [B*N, H*hd] / [B*N, G*hd] = bshd memory.
   std::vector<float> q(static_cast<size_t>(batch * seq_q * e));

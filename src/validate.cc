@@ -1,5 +1,9 @@
 #include "validate.h"
 
+#include <omp.h>
+
+#include <cstdlib>
+
 #include "qkv/error.h"
 
 namespace qkv::internal {
@@ -45,6 +49,23 @@ void CheckThreads(int num_threads) {
     throw Error("num_threads: " + S(num_threads) + " (expected 0 to " + S(kMaxThreads) +
                 "; 0 = all cores)");
   }
+}
+
+void CheckDefaultThreads() {
+  const int threads = omp_get_max_threads();
+  if (threads > kMaxThreads) {
+    // The variable's own text is not echoed: it may hold anything.
+    throw Error("OMP_NUM_THREADS: sets a default of " + S(threads) +
+                " threads (expected at most " + S(kMaxThreads) +
+                "; set OMP_NUM_THREADS lower or give a thread count)");
+  }
+}
+
+int ResolveThreads(int num_threads) {
+  CheckThreads(num_threads);
+  if (num_threads > 0) return num_threads;
+  CheckDefaultThreads();
+  return omp_get_max_threads();
 }
 
 }  // namespace qkv::internal

@@ -39,6 +39,17 @@ void CheckShape(const char* name, const Shape4& got, const Shape4& expected, con
 // Checks 0 <= num_threads <= kMaxThreads.
 void CheckThreads(int num_threads);
 
+// Returns the thread count a call runs with: num_threads when positive, else
+// OpenMP's default (omp_get_max_threads(), i.e. OMP_NUM_THREADS or the core
+// count). Every entry point resolves it here, once, so that the default is
+// held to kMaxThreads too: OMP_NUM_THREADS=100000 is an error naming the
+// variable, never 100000 threads (libgomp crashes or aborts on that).
+int ResolveThreads(int num_threads);
+
+// Throws unless OpenMP's default thread count is at most kMaxThreads; the
+// message names OMP_NUM_THREADS.
+void CheckDefaultThreads();
+
 // Checks q, k, v, the mask, the scale and the thread count of an attention
 // call (forward or backward) and returns the resolved problem
 // (attention.cc).

@@ -32,89 +32,18 @@
 #include "qkv/mask.h"
 #include "qkv/npy.h"
 #include "qkv/tensor.h"
-
-extern char** environ;
+#include "cli_test_util.h"
 
 namespace qkv {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct CliResult {
-  bool exited = false;  // normal exit (not a signal, not our timeout)
-  int status = -1;      // exit status when `exited`
-  int signal = 0;       // terminating signal otherwise
-  bool timed_out = false;
-  std::string out, err;
-};
+using test::CliResult;
+using test::ReadFile;
+using test::RunCli;
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-// Runs the qkv binary with `args`, stdout and stderr redirected to files in
-// `dir`; kills it (SIGKILL, by pid) after `timeout_s` so a hang fails the test.
-// (The same runner as tests/cli_test.cc.)
-CliResult RunCli(const std::vector<std::string>& args, const std::string& dir,
-                 double timeout_s) {
-  const std::string out_path = dir + "/.stdout", err_path = dir + "/.stderr";
-  std::vector<std::string> storage = {QKV_CLI_PATH};
-  storage.insert(storage.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (std::string& s : storage) argv.push_back(s.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, out_path.c_str(),
-                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, err_path.c_str(),
-                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  CliResult r;
-  const auto start = std::chrono::steady_clock::now();
-  pid_t pid = -1;
-  const int rc = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  if (rc != 0) {
-    ADD_FAILURE() << "posix_spawn " << argv[0] << ": " << std::strerror(rc);
-    return r;
-  }
-  int wstatus = 0;
-  for (;;) {
-    const pid_t done = waitpid(pid, &wstatus, WNOHANG);
-    if (done == pid) break;
-    if (done < 0) {
-      ADD_FAILURE() << "waitpid: " << std::strerror(errno);
-      return r;
-    }
-    const double elapsed =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (!r.timed_out && elapsed > timeout_s) {
-      r.timed_out = true;
-      kill(pid, SIGKILL);
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  if (!r.timed_out && WIFEXITED(wstatus)) {
-    r.exited = true;
-    r.status = WEXITSTATUS(wstatus);
-  } else if (WIFSIGNALED(wstatus)) {
-    r.signal = WTERMSIG(wstatus);
-  }
-  r.out = ReadFile(out_path);
-  r.err = ReadFile(err_path);
-  std::remove(out_path.c_str());
-  std::remove(err_path.c_str());
-  return r;
-}
-
-std::string Describe(const CliResult& r) {
-  std::ostringstream s;
-  s << "exited=" << r.exited << " status=" << r.status << " signal=" << r.signal
-    << " timed_out=" << r.timed_out << "\nstdout: " << r.out << "\nstderr: " << r.err;
-  return s.str();
-}
+using test::Describe;
 
 // Deterministic values that are exact in float: multiples of 1/64 in [-2, 2).
 std::vector<float> Values(size_t n, uint32_t seed) {

@@ -1,0 +1,86 @@
+// The qkv command line as a function: builds every command, parses, runs the
+// chosen one and turns every error into one line and an exit status. main.cc
+// calls it; the fuzz target fuzz/cli_fuzzer.cc calls it in-process, which is
+// why nothing here (or in any runner) calls exit().
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "commands.h"
+#include "common.h"
+#include "qkv/error.h"
+
+namespace qkv::cli {
+namespace {
+
+// Returns the first line of `text` (CLI11 messages can span lines).
+std::string FirstLine(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+}  // namespace
+
+int RunCommandLine(int argc, char** argv, std::FILE* err,
+                   const std::function<void(CLI::App&)>& adjust) {
+  CLI::App app{"qkv: exact, fast attention. softmax(Q.K^T * scale + M) . V on .npy files.", "qkv"};
+  app.require_subcommand(1);
+  app.set_help_all_flag("--help-all", "Print help for every command");
+  const Runner runners[] = {
+      AddAttendCommand(app),     AddBackwardCommand(app), AddDemoCommand(app),
+      AddBenchCommand(app),      AddPositionalCommand(app), AddClassicCommand(app),
+      AddMhaCommand(app),        AddDecodeCommand(app),   AddMemoryCommand(app),
+  };
+  const std::vector<CLI::App*> all = app.get_subcommands({});  // in the order added
+  if (adjust) adjust(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    if (argc > 1 && argv[1][0] != '-' && app.get_subcommands().empty()) {
+      std::fprintf(err, "qkv: unknown command '%s' (expected attend, backward, demo, bench, decode, memory, mha, positions or classic; see qkv --help)\n",
+                   Printable(argv[1]).c_str());
+      return 2;
+    }
+    std::fprintf(err, "qkv: %s (see qkv --help)\n", Printable(FirstLine(e.what())).c_str());
+    return 2;
+  }
+  const CLI::App* chosen = app.get_subcommands().front();
+  try {
+    CheckThreadEnvironment();
+    for (size_t i = 0; i < all.size(); ++i) {
+      if (all[i] == chosen) return runners[i]();
+    }
+    return 2;
+  } catch (const qkv::Error& e) {
+    // The whole message, control characters escaped: a newline in a path
+    // must neither cut it short nor add a line.
+    std::fprintf(err, "qkv %s: %s\n", chosen->get_name().c_str(), Printable(e.what()).c_str());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(err, "qkv %s: out of memory\n", chosen->get_name().c_str());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(err, "qkv %s: internal error: %s\n", chosen->get_name().c_str(),
+                 Printable(e.what()).c_str());
+    return 1;
+  }
+}
+
+int FinishStdout(int status) {
+  // stdout is buffered: a full disk or /dev/full (qkv memory --json >
+  // /dev/full) only shows when it is flushed, so check it before exiting.
+  errno = 0;
+  const bool failed = std::fflush(stdout) != 0 || std::ferror(stdout);
+  if (failed) {
+    const int error = errno;
+    if (status == 0) {
+      std::fprintf(stderr, "qkv: standard output: write failed: %s (expected a writable stdout)\n",
+                   error != 0 ? std::strerror(error) : "stream error");
+      return 2;
+    }
+  }
+  return status;
+}
+
+}  // namespace qkv::cli
