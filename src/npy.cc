@@ -339,6 +339,12 @@ void CheckDataSize(const Layout& layout, const Preamble& p, uint64_t file_size,
 }  // namespace
 
 int64_t NpyArray::numel() const {
+  // A zero-size array may declare other dims whose product overflows int64
+  // (the parser accepts it: it holds no bytes); it has no elements. Every
+  // other accepted shape's product fits (the parser checked it).
+  for (int64_t dim : shape) {
+    if (dim == 0) return 0;
+  }
   int64_t n = 1;
   for (int64_t dim : shape) n *= dim;
   return n;

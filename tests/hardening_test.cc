@@ -486,7 +486,10 @@ TEST(HardeningFuzzRegressionTest, FoundInputsStayFixed) {
           reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
       try {
         if (name == "npy") {
-          (void)ParseNpy(data, "fuzz.npy");
+          const NpyArray a = ParseNpy(data, "fuzz.npy");
+          // As the fuzz target checks (and UBSan watches numel's product).
+          EXPECT_EQ(static_cast<int64_t>(a.bytes.size()),
+                    a.numel() * static_cast<int64_t>(DTypeSize(a.dtype)));
         } else if (name == "safetensors") {
           const SafetensorsFile f =
               SafetensorsFile::Parse(std::vector<unsigned char>(data.begin(), data.end()), "f");
