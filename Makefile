@@ -1,16 +1,20 @@
 # qkv: two commands set everything up on a fresh Debian 12 machine.
 #   make demo   installs missing Debian packages, builds, runs `qkv demo`
-#   make test   the same setup, then the whole test suite (ctest)
+#   make test   the same setup, then the whole test suite: ctest, and the
+#               Python module installed with `pip install .` into fresh
+#               virtual environments (Debian's python3 with Debian's torch
+#               1.13, and the python3 first on PATH) and tested with pytest
 # Also: make build, make test-asan (AddressSanitizer + UBSan), make bench,
 #       make fuzz FUZZ_SECONDS=N (libFuzzer targets in fuzz/, N seconds each).
 SHELL := /bin/bash
 JOBS ?= $(shell nproc)
 # Debian packages the build and tests need (g++ 12, CMake and GoogleTest come
 # with the machine; checked anyway so a bare Debian 12 works too).
-PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libhwy-dev
+PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libhwy-dev \
+  python3-venv python3-dev python3-numpy python3-torch
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps build demo test test-asan bench bench-deps fuzz fuzz-deps fuzz-build clean
+.PHONY: deps build demo test test-asan python python-test bench bench-deps fuzz fuzz-deps fuzz-build clean
 
 deps:
 	@missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -29,6 +33,32 @@ demo: build
 
 test: build
 	ctest --preset release -j$(JOBS)
+	$(MAKE) python-test
+
+# The Python module (python/, docs/python.md). `pip install .` builds the
+# library and the extension through scikit-build-core (pyproject.toml).
+# build/pyvenv: Debian's python3 with its numpy and torch 1.13 (the only
+# PyTorch CI uses); build/pyvenv-path: the python3 first on PATH (skipped
+# when that is Debian's), numpy from PyPI, no torch. The build backend
+# comes from PyPI, pinned here.
+PY_BUILD_REQS := scikit-build-core==1.1.2 nanobind==3.1.0
+PY_TEST_REQS := pytest==9.2.0
+PYVENV := $(CURDIR)/build/pyvenv
+PYVENV_PATH := $(CURDIR)/build/pyvenv-path
+
+python: deps
+	@[ -x $(PYVENV)/bin/python ] || /usr/bin/python3 -m venv --system-site-packages $(PYVENV)
+	$(PYVENV)/bin/python -m pip install -q $(PY_BUILD_REQS) $(PY_TEST_REQS)
+	$(PYVENV)/bin/python -m pip install -q --no-build-isolation .
+
+python-test: python
+	cd build && OMP_NUM_THREADS=$(JOBS) $(PYVENV)/bin/python -m pytest -q -p no:cacheprovider $(CURDIR)/python/tests
+	@if [ "$$(python3 -c 'import sys; print(sys.base_prefix)')" = /usr ]; then \
+	  echo "python3 on PATH is Debian's: tested above"; else \
+	  set -e; [ -x $(PYVENV_PATH)/bin/python ] || python3 -m venv $(PYVENV_PATH); \
+	  $(PYVENV_PATH)/bin/python -m pip install -q numpy $(PY_TEST_REQS); \
+	  $(PYVENV_PATH)/bin/python -m pip install -q .; \
+	  cd build && OMP_NUM_THREADS=$(JOBS) $(PYVENV_PATH)/bin/python -m pytest -q -p no:cacheprovider $(CURDIR)/python/tests; fi
 
 test-asan: deps
 	cmake --preset asan-ubsan
@@ -37,7 +67,7 @@ test-asan: deps
 
 # Benchmarks need OpenBLAS (the SGEMM roofline) and PyTorch (the peer), from Debian.
 bench-deps: deps
-	@missing=$$(for p in libopenblas-dev pkg-config python3-torch; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in libopenblas-dev pkg-config; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

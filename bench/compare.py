@@ -14,11 +14,14 @@ Runs, in one go and on the same threads:
 flops = 4 * B * H * N^2 * D, halved (exactly: allowed pairs) for causal.
 With --backward yes, also the backward tables (bench/backward_rows.py): `qkv bench --backward`
 next to the FMA peak and PyTorch's CPU flash backward from a PyPI torch (--torch-python).
+With --python yes, the Python-module tables (bench/python_rows.py): qkv.attention's call
+overhead over the C++ call, and forward + backward through qkv.torch against PyTorch's SDPA,
+run in --torch-python (which then needs qkv installed: pip install . in that environment).
 
 Usage (Debian's python3, which has torch; numpy is not needed):
   /usr/bin/python3 bench/compare.py [--build build/release] [--threads 1,2]
       [--sizes 1024,4096,16384] [--dims 64,128] [--repeat 3] [--write BENCHMARKS.md]
-      [--backward yes --torch-python ~/venv-torch/bin/python]
+      [--backward yes --torch-python ~/venv-torch/bin/python] [--python yes]
 """
 import argparse
 import datetime
@@ -31,6 +34,7 @@ import sys
 import time
 
 from backward_rows import backward_section
+from python_rows import python_section
 
 BEGIN = "<!-- compare.py: begin -->"
 END = "<!-- compare.py: end -->"
@@ -152,6 +156,10 @@ def main():
                     help="N of the one-head backward thread-scaling row (0: none)")
     ap.add_argument("--backward-memory-shape", default="",
                     help="B,H,N,D of a causal `qkv backward` run whose peak RSS is reported")
+    ap.add_argument("--python", default="no",
+                    help="yes: the Python-module tables (bench/python_rows.py; needs --torch-python "
+                         "with qkv installed)")
+    ap.add_argument("--python-n", type=int, default=4096, help="N of the qkv.torch table")
     ap.add_argument("--torch-python", default="",
                     help="python of a PyPI torch for the backward peer (empty: no peer)")
     ap.add_argument("--write", default="", help="replace the table between the markers in this file")
@@ -211,6 +219,8 @@ def main():
         out("")
     if a.backward == "yes":
         backward_section(a, out, roofline)
+    if a.python == "yes":
+        python_section(a, out)
     if a.decode_lengths:
         threads = [int(x) for x in a.threads.split(",")]
         lengths = [int(x) for x in a.decode_lengths.split(",")]
