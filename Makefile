@@ -5,6 +5,8 @@
 #               virtual environments (Debian's python3 with Debian's torch
 #               1.13, and the python3 first on PATH) and tested with pytest
 # Also: make build, make test-asan (AddressSanitizer + UBSan), make bench,
+#       make test-hardening (the suite under ASan + UBSan and 60 s per fuzz
+#       target, one clang build; .ci/run runs it after make test),
 #       make fuzz FUZZ_SECONDS=N (libFuzzer targets in fuzz/, N seconds each).
 SHELL := /bin/bash
 JOBS ?= $(shell nproc)
@@ -14,7 +16,7 @@ PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev
   python3-venv python3-dev python3-numpy python3-torch
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps build demo test test-asan python python-test bench bench-deps fuzz fuzz-deps fuzz-build clean
+.PHONY: deps build demo test test-asan test-hardening python python-test bench bench-deps fuzz fuzz-run fuzz-deps fuzz-build clean
 
 deps:
 	@missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -97,6 +99,10 @@ fuzz-build: fuzz-deps
 	cmake --build $(FUZZ_DIR) -j$(JOBS) --target $(addsuffix _fuzzer,$(FUZZ_TARGETS))
 
 fuzz: fuzz-build
+	$(MAKE) fuzz-run
+
+# Runs the already built targets (fuzz, test-hardening).
+fuzz-run:
 	@status=0; for t in $(FUZZ_TARGETS); do \
 	  mkdir -p $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/crashes/$$t; \
 	  echo "== fuzz $$t: $(FUZZ_SECONDS) s"; \
@@ -111,6 +117,20 @@ fuzz: fuzz-build
 	if [ -n "$$crashes" ]; then echo "crashes (inputs to reproduce with the target binary):"; \
 	  echo "$$crashes"; else echo "no crashes; crash inputs would go to $(FUZZ_DIR)/crashes/<target>/"; fi; \
 	exit $$status
+
+# The hardening half of CI (.ci/run after make test; docs/security.md): the
+# whole suite under AddressSanitizer + UndefinedBehaviorSanitizer, then each
+# fuzz target for CI_FUZZ_SECONDS. One clang build (QKV_BUILD_FUZZ: ASan,
+# UBSan and libFuzzer's coverage, tests on) serves both, instead of a gcc
+# asan-ubsan build and a second clang one.
+CI_FUZZ_SECONDS ?= 60
+
+test-hardening: fuzz-deps
+	cmake -S . -B $(FUZZ_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
+	  -DQKV_BUILD_FUZZ=ON -DQKV_BUILD_TESTS=ON -DQKV_BUILD_BENCH=OFF
+	cmake --build $(FUZZ_DIR) -j$(JOBS)
+	cd $(FUZZ_DIR) && ctest -j$(JOBS) --output-on-failure
+	$(MAKE) fuzz-run FUZZ_SECONDS=$(CI_FUZZ_SECONDS)
 
 clean:
 	rm -rf build

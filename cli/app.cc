@@ -58,8 +58,11 @@ int RunCommandLine(int argc, char** argv, std::FILE* err,
     std::fprintf(err, "qkv %s: %s\n", chosen->get_name().c_str(), Printable(e.what()).c_str());
     return 2;
   } catch (const std::bad_alloc&) {
-    std::fprintf(err, "qkv %s: out of memory\n", chosen->get_name().c_str());
-    return 1;
+    // Every command checks its buffers first (CheckFitsInMemory); this is
+    // what is left: memory taken by others meanwhile, or overcommit refused.
+    std::fprintf(err, "qkv %s: out of memory (expected a smaller problem, or more free memory "
+                 "or a higher ulimit -v)\n", chosen->get_name().c_str());
+    return 2;
   } catch (const std::exception& e) {
     std::fprintf(err, "qkv %s: internal error: %s\n", chosen->get_name().c_str(),
                  Printable(e.what()).c_str());

@@ -72,7 +72,8 @@ int RunAttend(const AttendFlags& f) {
   const double out_elems = 1.0 * batch * heads * seq_q * head_dim_v;
   const double weight_elems = f.weights.empty() ? 0.0 : 1.0 * batch * heads * seq_q * seq_kv;
   const double lse_elems = f.lse.empty() ? 0.0 : 1.0 * batch * heads * seq_q;
-  CheckFitsInMemory("the output",
+  CheckFitsInMemory(std::string("the outputs (--out") + (f.weights.empty() ? "" : ", --weights") +
+                        (f.lse.empty() ? "" : ", --lse") + ")",
                     out_elems * DTypeSize(out_dtype) + 4.0 * (weight_elems + lse_elems));
   std::vector<unsigned char> out(static_cast<size_t>(out_elems) * DTypeSize(out_dtype));
   std::vector<float> weights(static_cast<size_t>(weight_elems));

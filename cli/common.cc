@@ -1,5 +1,6 @@
 #include "common.h"
 
+#include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,6 +10,9 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <limits>
 #include <set>
 #include <system_error>
 
@@ -54,6 +58,25 @@ double memory_limit_for_testing = 0.0;
 
 void SetMemoryLimitForTesting(double bytes) { memory_limit_for_testing = bytes; }
 
+namespace {
+
+// Returns the bytes this process may still map under its address-space
+// limit (ulimit -v, RLIMIT_AS): the limit minus the address space in use now
+// (/proc/self/statm); infinity without a limit.
+double AddressSpaceLeft() {
+  struct rlimit limit {};
+  if (getrlimit(RLIMIT_AS, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) {
+    return std::numeric_limits<double>::infinity();
+  }
+  double used_pages = 0.0;
+  std::ifstream statm("/proc/self/statm");
+  statm >> used_pages;
+  const double used = used_pages * static_cast<double>(sysconf(_SC_PAGE_SIZE));
+  return std::max(0.0, static_cast<double>(limit.rlim_cur) - used);
+}
+
+}  // namespace
+
 void CheckFitsInMemory(const std::string& what, double bytes) {
   if (memory_limit_for_testing > 0.0) {
     if (bytes > memory_limit_for_testing) {
@@ -67,6 +90,14 @@ void CheckFitsInMemory(const std::string& what, double bytes) {
   if (bytes > 0.75 * physical) {
     throw Error(what + " would need " + HumanBytes(bytes) + " (expected at most 3/4 of this " +
                 "machine's " + HumanBytes(physical) + " of memory)");
+  }
+  // Under ulimit -v the allocation would fail, not the machine: keep 64 MiB
+  // for the kernels' scratch, the threads' stacks and the allocator.
+  const double left = AddressSpaceLeft();
+  if (bytes + 64.0 * 1024 * 1024 > left) {
+    throw Error(what + " would need " + HumanBytes(bytes) + " (expected at most the " +
+                HumanBytes(std::max(0.0, left - 64.0 * 1024 * 1024)) +
+                " left under this process's address-space limit, ulimit -v)");
   }
 }
 
@@ -201,6 +232,64 @@ std::string HumanBytes(double bytes) {
   return text;
 }
 
+namespace {
+
+// The temporaries being written, for the signal handler: pointers into
+// strings Commit keeps alive (and does not move) until it clears the count.
+constexpr int kSignals[] = {SIGINT, SIGTERM, SIGHUP};
+const char* volatile g_temp_paths[64];
+volatile sig_atomic_t g_temp_count = 0;
+
+// Removes the temporaries, then dies of the signal as if unhandled (the
+// shell sees "killed by SIGTERM", not an exit status). unlink, signal and
+// raise are async-signal-safe.
+void RemoveTempsAndDie(int sig) {
+  for (sig_atomic_t i = 0; i < g_temp_count; ++i) unlink(g_temp_paths[i]);
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
+// Installs RemoveTempsAndDie for kSignals while alive; restores the
+// previous handlers after.
+class TempCleanupOnSignal {
+ public:
+  TempCleanupOnSignal() {
+    struct sigaction sa {};
+    sa.sa_handler = RemoveTempsAndDie;
+    sigemptyset(&sa.sa_mask);
+    for (int sig : kSignals) sigaddset(&sa.sa_mask, sig);
+    for (size_t i = 0; i < std::size(kSignals); ++i) sigaction(kSignals[i], &sa, &old_[i]);
+  }
+  ~TempCleanupOnSignal() {
+    g_temp_count = 0;
+    for (size_t i = 0; i < std::size(kSignals); ++i) sigaction(kSignals[i], &old_[i], nullptr);
+  }
+  TempCleanupOnSignal(const TempCleanupOnSignal&) = delete;
+  TempCleanupOnSignal& operator=(const TempCleanupOnSignal&) = delete;
+
+ private:
+  struct sigaction old_[std::size(kSignals)];
+};
+
+// Holds kSignals back while alive (they are delivered when it ends).
+class BlockSignals {
+ public:
+  BlockSignals() {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int sig : kSignals) sigaddset(&set, sig);
+    pthread_sigmask(SIG_BLOCK, &set, &old_);
+  }
+  ~BlockSignals() { pthread_sigmask(SIG_SETMASK, &old_, nullptr); }
+  BlockSignals(const BlockSignals&) = delete;
+  BlockSignals& operator=(const BlockSignals&) = delete;
+
+ private:
+  sigset_t old_;
+};
+
+}  // namespace
+
 void OutputSet::Add(std::string path, DType dtype, std::vector<int64_t> shape,
                     const void* data) {
   for (const Entry& e : entries_) {
@@ -236,13 +325,22 @@ void OutputSet::Commit() {
     throw Error(e.path + ": exists and is not a regular file (expected a regular file path " +
                 "for the output; a FIFO or device would be replaced)");
   }
+  if (entries_.size() > std::size(g_temp_paths)) {
+    throw Error("outputs: " + std::to_string(entries_.size()) + " given (expected at most " +
+                std::to_string(std::size(g_temp_paths)) + ")");
+  }
   std::vector<std::string> temps;
+  temps.reserve(entries_.size());  // no reallocation: the handler holds c_str()s
   auto remove_temps = [&temps] {
+    g_temp_count = 0;
     for (const std::string& t : temps) std::remove(t.c_str());
   };
+  const TempCleanupOnSignal cleanup;
   try {
     for (const Entry& e : entries_) {
       temps.push_back(e.path + ".qkv-tmp-" + std::to_string(getpid()));
+      g_temp_paths[temps.size() - 1] = temps.back().c_str();
+      g_temp_count = static_cast<sig_atomic_t>(temps.size());
       try {
         WriteNpy(temps.back(), e.dtype, e.shape, e.data);
       } catch (const Error& error) {
@@ -254,6 +352,8 @@ void OutputSet::Commit() {
         throw Error(e.path + ": cannot be written: " + what);
       }
     }
+    // All renamed or none: a signal now waits until the loop is done.
+    const BlockSignals hold;
     for (size_t i = 0; i < entries_.size(); ++i) {
       if (std::rename(temps[i].c_str(), entries_[i].path.c_str()) != 0) {
         const int error = errno;
@@ -262,6 +362,7 @@ void OutputSet::Commit() {
                     " (expected a writable path)");
       }
     }
+    g_temp_count = 0;
     temps.clear();
   } catch (...) {
     remove_temps();

@@ -68,6 +68,10 @@ std::string HumanBytes(double bytes);
 // any failure every temporary is removed and qkv::Error is thrown, so no
 // half-written output is ever left behind. Errors keep the system's reason
 // (no such directory, read-only file system, no space left on device).
+// SIGINT, SIGTERM and SIGHUP while the temporaries are written remove them
+// before the signal ends the process; during the renames those signals wait
+// until every output is in place. Either way no partial or temporary file
+// is left behind.
 class OutputSet {
  public:
   void Add(std::string path, DType dtype, std::vector<int64_t> shape, const void* data);

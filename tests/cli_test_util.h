@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <sstream>
 #include <string>
@@ -40,15 +41,17 @@ inline std::string ReadFile(const std::string& path) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
-// Runs the qkv binary with `args`, stdout and stderr redirected to files in
-// `dir`. Kills it (SIGKILL, by pid) after `timeout_s`, so that a hang fails the
-// test instead of blocking the suite.
-inline CliResult RunCli(const std::vector<std::string>& args, const std::string& dir,
-                 double timeout_s = 20.0) {
+// Runs `argv` (argv[0] an absolute path), stdout and stderr redirected to
+// files in `dir`. Calls `while_running(pid)` every millisecond until it
+// exits (fault-injection tests send signals from it). Kills it (SIGKILL, by
+// pid) after `timeout_s`, so that a hang fails the test instead of blocking
+// the suite.
+inline CliResult RunProgram(const std::vector<std::string>& command, const std::string& dir,
+                            double timeout_s = 20.0,
+                            const std::function<void(pid_t)>& while_running = {}) {
   const std::string out_path = dir + "/.stdout";
   const std::string err_path = dir + "/.stderr";
-  std::vector<std::string> storage = {QKV_CLI_PATH};
-  storage.insert(storage.end(), args.begin(), args.end());
+  std::vector<std::string> storage = command;
   std::vector<char*> argv;
   for (std::string& s : storage) argv.push_back(s.data());
   argv.push_back(nullptr);
@@ -77,6 +80,7 @@ inline CliResult RunCli(const std::vector<std::string>& args, const std::string&
       ADD_FAILURE() << "waitpid: " << std::strerror(errno);
       return r;
     }
+    if (while_running) while_running(pid);
     const double elapsed =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!r.timed_out && elapsed > timeout_s) {
@@ -97,6 +101,14 @@ inline CliResult RunCli(const std::vector<std::string>& args, const std::string&
   std::remove(out_path.c_str());
   std::remove(err_path.c_str());
   return r;
+}
+
+// Runs the qkv binary with `args` (RunProgram's contract).
+inline CliResult RunCli(const std::vector<std::string>& args, const std::string& dir,
+                        double timeout_s = 20.0) {
+  std::vector<std::string> command = {QKV_CLI_PATH};
+  command.insert(command.end(), args.begin(), args.end());
+  return RunProgram(command, dir, timeout_s);
 }
 
 inline std::string Describe(const CliResult& r) {

@@ -487,15 +487,18 @@ TEST(HardeningFuzzRegressionTest, FoundInputsStayFixed) {
       try {
         if (name == "npy") {
           const NpyArray a = ParseNpy(data, "fuzz.npy");
-          // As the fuzz target checks (and UBSan watches numel's product).
+          // As the fuzz target checks (and UBSan watches numel's product);
+          // the array never takes more than the file (docs/security.md).
           EXPECT_EQ(static_cast<int64_t>(a.bytes.size()),
                     a.numel() * static_cast<int64_t>(DTypeSize(a.dtype)));
+          EXPECT_LE(a.bytes.size(), bytes.size());
         } else if (name == "safetensors") {
           const SafetensorsFile f =
               SafetensorsFile::Parse(std::vector<unsigned char>(data.begin(), data.end()), "f");
           for (const auto& t : f.tensors()) {
             try {
-              (void)f.LoadFloat32(t.name, t.shape);
+              // The readers' allocation bound (docs/security.md).
+              EXPECT_LE(f.LoadFloat32(t.name, t.shape).size() * sizeof(float), 2 * bytes.size());
             } catch (const Error& e) {
               EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
             }
