@@ -64,8 +64,8 @@ class FaultInjectionTest : public ::testing::Test {
   // An attend run whose outputs take a while to write: 1 MiB of out and
   // 16 MiB of weights (the reference kernel), so a signal can land mid-write.
   std::vector<std::string> SlowWrite() const {
-    return {"attend", "--shape", "1,4,1024,64", "--kernel", "reference", "--threads", "1",
-            "--out", out_dir_ + "/o.npy", "--weights", out_dir_ + "/w.npy"};
+    return {"attend", "--shape", "1,4,1024,64",       "--kernel",  "reference",        "--threads",
+            "1",      "--out",   out_dir_ + "/o.npy", "--weights", out_dir_ + "/w.npy"};
   }
 
   void ExpectOneLineError(const CliResult& r, const std::vector<std::string>& words) {
@@ -114,9 +114,9 @@ TEST_F(FaultInjectionTest, UninterruptedWriteLeavesBothOutputs) {
 // root qkv runs as user nobody (setpriv, util-linux) from a copy that user
 // can execute.
 TEST_F(FaultInjectionTest, ReadOnlyDirectoryIsOneLineError) {
-  fs::permissions(out_dir_, fs::perms::owner_read | fs::perms::owner_exec |
-                                fs::perms::group_read | fs::perms::group_exec |
-                                fs::perms::others_read | fs::perms::others_exec);
+  fs::permissions(out_dir_, fs::perms::owner_read | fs::perms::owner_exec | fs::perms::group_read |
+                                fs::perms::group_exec | fs::perms::others_read |
+                                fs::perms::others_exec);
   std::vector<std::string> command;
   if (geteuid() == 0) {
     if (!fs::exists("/usr/bin/setpriv")) GTEST_SKIP() << "root without /usr/bin/setpriv";
@@ -163,10 +163,9 @@ TEST_F(FaultInjectionTest, AddressSpaceLimitIsOneLineError) {
     GTEST_SKIP() << "hard address-space limit below 400 MiB already";
   }
   ASSERT_EQ(setrlimit(RLIMIT_AS, &limit), 0);
-  const CliResult r =
-      RunCli({"attend", "--shape", "1,8,4096,64", "--kernel", "reference", "--out",
-              out_dir_ + "/o.npy", "--weights", out_dir_ + "/w.npy"},
-             dir_, 120.0);
+  const CliResult r = RunCli({"attend", "--shape", "1,8,4096,64", "--kernel", "reference", "--out",
+                              out_dir_ + "/o.npy", "--weights", out_dir_ + "/w.npy"},
+                             dir_, 120.0);
   setrlimit(RLIMIT_AS, &old_limit);
   ExpectOneLineError(r, {"--weights", "ulimit -v"});
   EXPECT_TRUE(Listing(out_dir_).empty());

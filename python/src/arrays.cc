@@ -1,10 +1,10 @@
 // Python bindings: array views and new arrays (arrays.h).
 #include "arrays.h"
 
+#include <nanobind/stl/string.h>
+
 #include <cstdlib>
 #include <cstring>
-
-#include <nanobind/stl/string.h>
 
 #include "qkv/error.h"
 
@@ -17,13 +17,20 @@ std::string S(int64_t v) { return std::to_string(v); }
 
 const char* CodeName(uint8_t code) {
   switch (static_cast<dl::dtype_code>(code)) {
-    case dl::dtype_code::Int: return "int";
-    case dl::dtype_code::UInt: return "uint";
-    case dl::dtype_code::Float: return "float";
-    case dl::dtype_code::Bfloat: return "bfloat";
-    case dl::dtype_code::Complex: return "complex";
-    case dl::dtype_code::Bool: return "bool";
-    default: return "float8_";
+    case dl::dtype_code::Int:
+      return "int";
+    case dl::dtype_code::UInt:
+      return "uint";
+    case dl::dtype_code::Float:
+      return "float";
+    case dl::dtype_code::Bfloat:
+      return "bfloat";
+    case dl::dtype_code::Complex:
+      return "complex";
+    case dl::dtype_code::Bool:
+      return "bool";
+    default:
+      return "float8_";
   }
 }
 
@@ -39,13 +46,15 @@ DType FromDlpack(const dl::dtype& t, const char* name, const char* expected) {
       case dl::dtype_code::Bfloat:
         if (t.bits == 16) return DType::kBFloat16;
         break;
-      case dl::dtype_code::Bool: return DType::kBool;
+      case dl::dtype_code::Bool:
+        return DType::kBool;
       case dl::dtype_code::Int:
         if (t.bits == 8) return DType::kInt8;
         if (t.bits == 32) return DType::kInt32;
         if (t.bits == 64) return DType::kInt64;
         break;
-      default: break;
+      default:
+        break;
     }
   }
   throw Error(std::string(name) + ": dtype " + CodeName(t.code) + S(t.bits) +
@@ -58,30 +67,40 @@ DType FromDlpack(const dl::dtype& t, const char* name, const char* expected) {
 bool FromFormat(const char* format, Py_ssize_t itemsize, DType* dtype, const char* name) {
   if (format == nullptr) return false;
   if (*format == '>' || *format == '!') {
-    throw Error(std::string(name) + ": big-endian data (expected the machine's little-endian byte "
+    throw Error(std::string(name) +
+                ": big-endian data (expected the machine's little-endian byte "
                 "order: a.astype(a.dtype.newbyteorder('='))");
   }
   if (*format == '@' || *format == '=' || *format == '<') ++format;  // x86-64: little endian
   if (format[0] == '\0' || format[1] != '\0') return false;
   switch (format[0]) {
-    case 'f': *dtype = DType::kFloat32; return itemsize == 4;
-    case 'd': *dtype = DType::kFloat64; return itemsize == 8;
-    case 'e': *dtype = DType::kFloat16; return itemsize == 2;
-    case '?': *dtype = DType::kBool; return itemsize == 1;
-    case 'b': *dtype = DType::kInt8; return itemsize == 1;
+    case 'f':
+      *dtype = DType::kFloat32;
+      return itemsize == 4;
+    case 'd':
+      *dtype = DType::kFloat64;
+      return itemsize == 8;
+    case 'e':
+      *dtype = DType::kFloat16;
+      return itemsize == 2;
+    case '?':
+      *dtype = DType::kBool;
+      return itemsize == 1;
+    case 'b':
+      *dtype = DType::kInt8;
+      return itemsize == 1;
     case 'i':
     case 'l':
     case 'q':
       if (itemsize != 4 && itemsize != 8) return false;
       *dtype = itemsize == 4 ? DType::kInt32 : DType::kInt64;
       return true;
-    default: return false;
+    default:
+      return false;
   }
 }
 
-std::string TypeName(nb::handle obj) {
-  return PyStr(obj.type().attr("__name__"));
-}
+std::string TypeName(nb::handle obj) { return PyStr(obj.type().attr("__name__")); }
 
 template <class View>
 View MakeView(const Array& a, const char* name, bool bshd) {
@@ -182,7 +201,8 @@ Array ImportArray(nb::handle obj, const char* name, bool writable, const char* e
   if (!ok || a.ndarray_.device_type() != nb::device::cpu::value) {
     std::string what = TypeName(obj);
     if (nb::hasattr(obj, "device")) what += " on " + PyStr(obj.attr("device"));
-    throw Error(std::string(name) + ": " + what + (writable ? " (expected a writable" : " (expected a") +
+    throw Error(std::string(name) + ": " + what +
+                (writable ? " (expected a writable" : " (expected a") +
                 " NumPy array or CPU torch tensor)");
   }
   if (a.ndarray_.ndim() > Array::kMaxRank) {
@@ -238,8 +258,8 @@ TensorView MaskView(const Array& mask, const Shape4& target) {
     } else {
       std::string shape = "(";
       for (int64_t i = 0; i < rank; ++i) shape += (i ? ", " : "") + S(mask.shape(i));
-      throw Error("mask: shape " + shape + (rank == 1 ? ",)" : ")") +
-                  " does not broadcast to " + ShapeString(target) +
+      throw Error("mask: shape " + shape + (rank == 1 ? ",)" : ")") + " does not broadcast to " +
+                  ShapeString(target) +
                   " = [batch, num_q_heads, seq_q, seq_kv] (expected each dim 1 or equal, "
                   "trailing dims aligned)");
     }
@@ -260,20 +280,22 @@ nb::object NewArray(Framework framework, DType dtype, const std::vector<size_t>&
   if (framework == Framework::kNumpy && dtype != DType::kBFloat16) {
     // numpy.empty, then its data pointer: cheaper than exporting our own
     // memory (a capsule, a DLPack wrapper and numpy.asarray per call).
-    static PyObject* const empty = nb::object(nb::module_::import_("numpy").attr("empty")).release().ptr();
+    static PyObject* const empty =
+        nb::object(nb::module_::import_("numpy").attr("empty")).release().ptr();
     // numpy.dtype objects by qkv dtype, made once (a dtype string would be
     // parsed on every call).
     static PyObject* dtypes[8] = {};
     PyObject*& dtype_obj = dtypes[static_cast<int>(dtype)];
     if (dtype_obj == nullptr) {
-      dtype_obj = nb::object(nb::module_::import_("numpy").attr("dtype")(DTypeName(dtype))).release().ptr();
+      dtype_obj =
+          nb::object(nb::module_::import_("numpy").attr("dtype")(DTypeName(dtype))).release().ptr();
     }
     nb::object shape_tuple = nb::steal(PyTuple_New(static_cast<Py_ssize_t>(shape.size())));
     for (size_t i = 0; i < shape.size(); ++i) {
       PyTuple_SET_ITEM(shape_tuple.ptr(), i, PyLong_FromSize_t(shape[i]));
     }
-    nb::object array = nb::steal(
-        PyObject_CallFunctionObjArgs(empty, shape_tuple.ptr(), dtype_obj, nullptr));
+    nb::object array =
+        nb::steal(PyObject_CallFunctionObjArgs(empty, shape_tuple.ptr(), dtype_obj, nullptr));
     if (!array.is_valid()) throw nb::python_error();
     Py_buffer buffer;
     if (PyObject_GetBuffer(array.ptr(), &buffer, PyBUF_SIMPLE | PyBUF_WRITABLE) != 0) {
@@ -294,12 +316,20 @@ nb::object NewArray(Framework framework, DType dtype, const std::vector<size_t>&
   t.lanes = 1;
   t.bits = static_cast<uint8_t>(DTypeSize(dtype) * 8);
   switch (dtype) {
-    case DType::kBFloat16: t.code = static_cast<uint8_t>(dl::dtype_code::Bfloat); break;
-    case DType::kBool: t.code = static_cast<uint8_t>(dl::dtype_code::Bool); break;
+    case DType::kBFloat16:
+      t.code = static_cast<uint8_t>(dl::dtype_code::Bfloat);
+      break;
+    case DType::kBool:
+      t.code = static_cast<uint8_t>(dl::dtype_code::Bool);
+      break;
     case DType::kInt8:
     case DType::kInt32:
-    case DType::kInt64: t.code = static_cast<uint8_t>(dl::dtype_code::Int); break;
-    default: t.code = static_cast<uint8_t>(dl::dtype_code::Float); break;
+    case DType::kInt64:
+      t.code = static_cast<uint8_t>(dl::dtype_code::Int);
+      break;
+    default:
+      t.code = static_cast<uint8_t>(dl::dtype_code::Float);
+      break;
   }
   if (framework == Framework::kTorch) {
     return nb::ndarray<nb::pytorch>(p, shape.size(), shape.data(), owner, nullptr, t).cast();

@@ -4,12 +4,12 @@
 #ifndef QKV_PYTHON_ARRAYS_H_
 #define QKV_PYTHON_ARRAYS_H_
 
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <nanobind/nanobind.h>
-#include <nanobind/ndarray.h>
 
 #include "qkv/tensor.h"
 

@@ -2,9 +2,9 @@
 #ifndef QKV_PYTHON_BINDINGS_H_
 #define QKV_PYTHON_BINDINGS_H_
 
-#include <optional>
-
 #include <nanobind/nanobind.h>
+
+#include <optional>
 
 #include "arrays.h"
 #include "qkv/attention.h"

@@ -1,15 +1,15 @@
 // Python bindings: KV caches, decode, merging partials and the memory
 // planner (qkv/kv_cache.h, qkv/decode.h, qkv/memory_plan.h).
-#include <cstdint>
-#include <optional>
-#include <string>
-#include <vector>
-
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "arrays.h"
 #include "bindings.h"
@@ -38,7 +38,8 @@ struct PyKvCache {
 
   KvCache& Writable(const char* what) {
     if (readers > 0) {
-      throw Error(std::string(what) + ": the cache is being read by a decode call on another thread " +
+      throw Error(std::string(what) +
+                  ": the cache is being read by a decode call on another thread " +
                   "(expected to change it after that call returns)");
     }
     return cache;
@@ -72,10 +73,14 @@ CacheKind ParseKind(const std::string& kind) {
 
 const char* KindName(CacheKind kind) {
   switch (kind) {
-    case CacheKind::kContiguous: return "contiguous";
-    case CacheKind::kSliding: return "sliding";
-    case CacheKind::kSinks: return "sinks";
-    case CacheKind::kPaged: return "paged";
+    case CacheKind::kContiguous:
+      return "contiguous";
+    case CacheKind::kSliding:
+      return "sliding";
+    case CacheKind::kSinks:
+      return "sinks";
+    case CacheKind::kPaged:
+      return "paged";
   }
   return "?";
 }
@@ -124,9 +129,9 @@ nb::dict ConfigDict(const KvCacheConfig& c) {
   return d;
 }
 
-nb::object Decode(nb::handle q_obj, nb::handle caches, nb::handle seqs,
-                  std::optional<double> scale, int64_t window, int64_t split_tokens, int threads,
-                  const std::string& layout, bool return_lse, bool return_info) {
+nb::object Decode(nb::handle q_obj, nb::handle caches, nb::handle seqs, std::optional<double> scale,
+                  int64_t window, int64_t split_tokens, int threads, const std::string& layout,
+                  bool return_lse, bool return_info) {
   const bool bshd = ParseLayout(layout);
   const Array q = AsArray(q_obj, "q");
   DecodeParams p;
@@ -147,12 +152,13 @@ nb::object Decode(nb::handle q_obj, nb::handle caches, nb::handle seqs,
       throw Error("seqs: expected a sequence of sequence ids, one per batch row");
     }
     if (static_cast<int64_t>(ids.size()) != batch) {
-      throw Error("seqs: " + S(static_cast<int64_t>(ids.size())) + " ids for q's batch " + S(batch) +
-                  " (expected one sequence per batch row)");
+      throw Error("seqs: " + S(static_cast<int64_t>(ids.size())) + " ids for q's batch " +
+                  S(batch) + " (expected one sequence per batch row)");
     }
     for (int64_t id : ids) views.push_back(cache.View(id));
   } else if (nb::isinstance<nb::list>(caches) || nb::isinstance<nb::tuple>(caches)) {
-    if (!seqs.is_none()) throw Error("seqs: given with a list of (cache, seq) pairs (expected None)");
+    if (!seqs.is_none())
+      throw Error("seqs: given with a list of (cache, seq) pairs (expected None)");
     for (nb::handle item : caches) {
       if (!nb::isinstance<nb::tuple>(item) || nb::len(item) != 2 ||
           !nb::isinstance<PyKvCache>(item[0])) {
@@ -218,8 +224,9 @@ std::vector<float> Floats(nb::handle obj, const char* name, size_t rank) {
     for (size_t j = 0; j < cols; ++j) {
       const int64_t off = static_cast<int64_t>(i) * a.stride(0) +
                           (rank == 2 ? static_cast<int64_t>(j) * a.stride(1) : 0);
-      values.push_back(dt == DType::kFloat32 ? reinterpret_cast<const float*>(base)[off]
-                                             : static_cast<float>(reinterpret_cast<const double*>(base)[off]));
+      values.push_back(dt == DType::kFloat32
+                           ? reinterpret_cast<const float*>(base)[off]
+                           : static_cast<float>(reinterpret_cast<const double*>(base)[off]));
     }
   }
   return values;
@@ -243,8 +250,8 @@ nb::tuple MergePartials(nb::handle out_parts, nb::handle lse_parts) {
 
 nb::dict MemoryPlanDict(std::optional<std::string> preset, std::optional<int64_t> layers,
                         std::optional<int64_t> heads, std::optional<int64_t> kv_heads,
-                        std::optional<int64_t> head_dim, std::optional<int64_t> window,
-                        int64_t seq, int64_t batch, const std::string& dtype, int threads) {
+                        std::optional<int64_t> head_dim, std::optional<int64_t> window, int64_t seq,
+                        int64_t batch, const std::string& dtype, int threads) {
   MemoryPlanConfig c;
   c.preset = preset.value_or("");
   c.layers = layers, c.heads = heads, c.kv_heads = kv_heads, c.head_dim = head_dim;
@@ -275,7 +282,7 @@ nb::dict MemoryPlanDict(std::optional<std::string> preset, std::optional<int64_t
 
 void BindCache(nb::module_& m) {
   nb::class_<PyKvCache>(m, "KvCache",
-                      R"(Keys and values of one attention layer for any number of sequences.
+                        R"(Keys and values of one attention layer for any number of sequences.
 
 kind: 'contiguous' (up to `capacity` tokens per sequence), 'sliding' (ring of the last
 `window` tokens), 'sinks' (StreamingLLM: first `num_sinks` kept plus the last `window`)
@@ -366,10 +373,12 @@ rotary_dim 0 = head_dim).)")
   m.def("decode", &Decode, "q"_a, "cache"_a, "seqs"_a.none() = nb::none(), nb::kw_only(),
         "scale"_a.none() = nb::none(), "window"_a = -1, "split_tokens"_a = 0, "threads"_a = 0,
         "layout"_a = "bhsd", "return_lse"_a = false, "return_info"_a = false,
-        nb::sig("def decode(q: numpy.typing.ArrayLike, cache: KvCache | collections.abc.Sequence[tuple[KvCache, int]], "
+        nb::sig("def decode(q: numpy.typing.ArrayLike, cache: KvCache | "
+                "collections.abc.Sequence[tuple[KvCache, int]], "
                 "seqs: collections.abc.Sequence[int] | None = None, *, scale: float | None = None, "
                 "window: int = -1, split_tokens: int = 0, threads: int = 0, "
-                "layout: str = 'bhsd', return_lse: bool = False, return_info: bool = False) -> typing.Any"),
+                "layout: str = 'bhsd', return_lse: bool = False, return_info: bool = False) -> "
+                "typing.Any"),
         R"(Attention of new queries against KV caches (flash-decoding).
 
 q [batch, num_q_heads, seq_q, head_dim]: row b's queries sit at the last seq_q positions
@@ -379,7 +388,8 @@ kept recent tokens. Returns out (or (out[, lse][, info])); bitwise identical for
 thread count.)");
 
   m.def("merge_partials", &MergePartials, "out_parts"_a, "lse_parts"_a,
-        nb::sig("def merge_partials(out_parts: numpy.typing.ArrayLike, lse_parts: numpy.typing.ArrayLike) -> "
+        nb::sig("def merge_partials(out_parts: numpy.typing.ArrayLike, lse_parts: "
+                "numpy.typing.ArrayLike) -> "
                 "tuple[numpy.ndarray, float]"),
         R"(Merges n partial attention results of one query by log-sum-exp:
 lse = log(sum exp(lse_i)), out = sum exp(lse_i - lse) * out_i, in index order.
@@ -388,8 +398,7 @@ out_parts [n, head_dim_v], lse_parts [n]. Returns (out float32 [head_dim_v], lse
   m.def("memory_plan", &MemoryPlanDict, nb::kw_only(), "preset"_a.none() = nb::none(),
         "layers"_a.none() = nb::none(), "heads"_a.none() = nb::none(),
         "kv_heads"_a.none() = nb::none(), "head_dim"_a.none() = nb::none(),
-        "window"_a.none() = nb::none(), "seq"_a, "batch"_a = 1, "dtype"_a = "f16",
-        "threads"_a = 1,
+        "window"_a.none() = nb::none(), "seq"_a, "batch"_a = 1, "dtype"_a = "f16", "threads"_a = 1,
         R"(What attention costs for a model configuration, as `qkv memory --json` prints it:
 KV cache bytes, the naive score matrix per layer, the flash kernel's working set and
 flops per generated token. preset: 'llama2-7b', 'llama3-8b', 'mistral-7b' or

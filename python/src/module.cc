@@ -4,16 +4,16 @@
 // becomes a ValueError carrying the library's one-line message; the library
 // validates before writing, so an error leaves caller-provided outputs as
 // they were. KV caches, decode, merge and the memory planner: cache.cc.
-#include <cstdint>
-#include <optional>
-#include <string>
-#include <vector>
-
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "arrays.h"
 #include "bindings.h"
@@ -66,11 +66,11 @@ void ParseWindow(nb::handle window, MaskSpec* spec) {
   const char* expected =
       " (expected None or a pair (left, right) of ints, -1 or None = unbounded on that side)";
   if (!nb::isinstance<nb::tuple>(window) && !nb::isinstance<nb::list>(window)) {
-    throw Error(std::string("window: ") +
-                PyStr(window.type().attr("__name__")) + expected);
+    throw Error(std::string("window: ") + PyStr(window.type().attr("__name__")) + expected);
   }
   nb::sequence seq = nb::borrow<nb::sequence>(window);
-  if (nb::len(seq) != 2) throw Error("window: " + std::to_string(nb::len(seq)) + " values" + expected);
+  if (nb::len(seq) != 2)
+    throw Error("window: " + std::to_string(nb::len(seq)) + " values" + expected);
   int64_t side[2];
   for (int i = 0; i < 2; ++i) {
     nb::object x = seq[i];
@@ -79,8 +79,7 @@ void ParseWindow(nb::handle window, MaskSpec* spec) {
     } else if (!nb::isinstance<nb::bool_>(x) && PyIndex_Check(x.ptr())) {
       side[i] = nb::cast<int64_t>(nb::steal(PyNumber_Index(x.ptr())));  // int, numpy ints
     } else {
-      throw Error(std::string("window: ") +
-                  PyStr(x.type().attr("__name__")) + expected);
+      throw Error(std::string("window: ") + PyStr(x.type().attr("__name__")) + expected);
     }
   }
   spec->window_left = side[0];
@@ -99,13 +98,11 @@ void ParseKeyLengths(nb::handle key_lengths, Options* o) {
     const auto* base = static_cast<const uint8_t*>(a.data());
     for (size_t i = 0; i < a.shape(0); ++i) {
       const int64_t off = static_cast<int64_t>(i) * a.stride(0);
-      o->key_lengths.push_back(dt == DType::kInt64
-                                   ? reinterpret_cast<const int64_t*>(base)[off]
-                                   : reinterpret_cast<const int32_t*>(base)[off]);
+      o->key_lengths.push_back(dt == DType::kInt64 ? reinterpret_cast<const int64_t*>(base)[off]
+                                                   : reinterpret_cast<const int32_t*>(base)[off]);
     }
   } else if (!nb::try_cast(key_lengths, o->key_lengths)) {
-    throw Error("key_lengths: " +
-                PyStr(key_lengths.type().attr("__name__")) +
+    throw Error("key_lengths: " + PyStr(key_lengths.type().attr("__name__")) +
                 " (expected a sequence or 1-D integer array of [batch] ints)");
   }
   o->mask.key_lengths = o->key_lengths;
@@ -156,10 +153,28 @@ bool Tiny(const Shape4& q, int64_t seq_kv, int64_t head_dim_v) {
 }
 
 // Output dtype of lse and weights: float64 for float64 accumulation.
-DType StatDType(Accumulate a) { return a == Accumulate::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
+DType StatDType(Accumulate a) {
+  return a == Accumulate::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+}
 
 void ResolveMask(Options& o, const Shape4& target) {
   if (o.mask_array) o.mask.mask = MaskView(*o.mask_array, target);
+}
+
+// Fills what AttentionParams and AttentionBackwardParams share: the views of
+// q, k, v (in o's layout), the mask broadcast to their sizes, scale,
+// kernel, accumulation and threads.
+template <class Params>
+void FillCommon(Options& o, const Array& q, const Array& k, const Array& v, Params* p) {
+  p->q = InView(q, "q", o.bshd);
+  p->k = InView(k, "k", o.bshd);
+  p->v = InView(v, "v", o.bshd);
+  ResolveMask(o, {p->q.shape[0], p->q.shape[1], p->q.shape[2], p->k.shape[2]});
+  p->mask = o.mask;
+  p->scale = o.scale;
+  p->kernel = o.kernel;
+  p->accumulate = ResolveAccumulate(o, p->q.dtype);
+  p->num_threads = o.threads;
 }
 
 TensorView LseView(const Array& a) {
@@ -170,7 +185,8 @@ TensorView LseView(const Array& a) {
   TensorView v;
   v.data = a.data();
   v.dtype = a.dtype();
-  for (int d = 0; d < 3; ++d) v.shape[d] = static_cast<int64_t>(a.shape(d)), v.strides[d] = a.stride(d);
+  for (int d = 0; d < 3; ++d)
+    v.shape[d] = static_cast<int64_t>(a.shape(d)), v.strides[d] = a.stride(d);
   v.shape[3] = 1;
   v.strides[3] = a.ndim() == 4 ? a.stride(3) : 1;
   return v;
@@ -182,20 +198,12 @@ nb::object Attend(nb::handle q_obj, nb::handle k_obj, nb::handle v_obj, nb::hand
                   const std::optional<std::string>& accumulate, int threads, bool return_lse,
                   bool return_weights, bool return_info, nb::handle out) {
   const Array q = AsArray(q_obj, "q"), k = AsArray(k_obj, "k"), v = AsArray(v_obj, "v");
-  Options o = ParseOptions(causal, window, AsOptionalArray(mask, "mask", kMaskDTypes), key_lengths, scale,
-                           layout, kernel, accumulate, threads);
+  Options o = ParseOptions(causal, window, AsOptionalArray(mask, "mask", kMaskDTypes), key_lengths,
+                           scale, layout, kernel, accumulate, threads);
   const Framework fw = FrameworkOf(q_obj);
   AttentionParams p;
-  p.q = InView(q, "q", o.bshd);
-  p.k = InView(k, "k", o.bshd);
-  p.v = InView(v, "v", o.bshd);
+  FillCommon(o, q, k, v, &p);
   const Shape4 out_shape{p.q.shape[0], p.q.shape[1], p.q.shape[2], p.v.shape[3]};
-  ResolveMask(o, {p.q.shape[0], p.q.shape[1], p.q.shape[2], p.k.shape[2]});
-  p.mask = o.mask;
-  p.scale = o.scale;
-  p.kernel = o.kernel;
-  p.accumulate = ResolveAccumulate(o, p.q.dtype);
-  p.num_threads = o.threads;
   nb::object out_obj, lse_obj, weights_obj;
   std::optional<Array> out_array;
   if (!out.is_none()) {
@@ -208,13 +216,16 @@ nb::object Attend(nb::handle q_obj, nb::handle k_obj, nb::handle v_obj, nb::hand
   const DType stat = StatDType(p.accumulate);
   if (return_lse) {
     void* data = nullptr;
-    lse_obj = NewArray(fw, stat, {size_t(out_shape[0]), size_t(out_shape[1]), size_t(out_shape[2])}, &data);
-    p.lse = MutableTensorView::Contiguous(data, stat, {out_shape[0], out_shape[1], out_shape[2], 1});
+    lse_obj = NewArray(fw, stat, {size_t(out_shape[0]), size_t(out_shape[1]), size_t(out_shape[2])},
+                       &data);
+    p.lse =
+        MutableTensorView::Contiguous(data, stat, {out_shape[0], out_shape[1], out_shape[2], 1});
   }
   if (return_weights) {
     const Shape4 w{out_shape[0], out_shape[1], out_shape[2], p.k.shape[2]};
     void* data = nullptr;
-    weights_obj = NewArray(fw, stat, {size_t(w[0]), size_t(w[1]), size_t(w[2]), size_t(w[3])}, &data);
+    weights_obj =
+        NewArray(fw, stat, {size_t(w[0]), size_t(w[1]), size_t(w[2]), size_t(w[3])}, &data);
     p.weights = MutableTensorView::Contiguous(data, stat, w);
   }
   AttentionInfo info;
@@ -233,39 +244,31 @@ nb::object Attend(nb::handle q_obj, nb::handle k_obj, nb::handle v_obj, nb::hand
   return nb::tuple(result);
 }
 
-nb::object AttendBackward(nb::handle q_obj, nb::handle k_obj, nb::handle v_obj,
-                          nb::handle out_obj, nb::handle dout_obj, nb::handle lse_obj,
-                          nb::handle causal, nb::handle window, nb::handle mask,
-                          nb::handle key_lengths, std::optional<double> scale,
-                          const std::string& layout, const std::string& kernel,
-                          const std::optional<std::string>& accumulate, int threads,
-                          bool return_dmask, bool return_info) {
+nb::object AttendBackward(nb::handle q_obj, nb::handle k_obj, nb::handle v_obj, nb::handle out_obj,
+                          nb::handle dout_obj, nb::handle lse_obj, nb::handle causal,
+                          nb::handle window, nb::handle mask, nb::handle key_lengths,
+                          std::optional<double> scale, const std::string& layout,
+                          const std::string& kernel, const std::optional<std::string>& accumulate,
+                          int threads, bool return_dmask, bool return_info) {
   const Array q = AsArray(q_obj, "q"), k = AsArray(k_obj, "k"), v = AsArray(v_obj, "v");
   const std::optional<Array> out = AsOptionalArray(out_obj, "out");
   const Array dout = AsArray(dout_obj, "dout");
   const std::optional<Array> lse = AsOptionalArray(lse_obj, "lse");
-  Options o = ParseOptions(causal, window, AsOptionalArray(mask, "mask", kMaskDTypes), key_lengths, scale,
-                           layout, kernel, accumulate, threads);
+  Options o = ParseOptions(causal, window, AsOptionalArray(mask, "mask", kMaskDTypes), key_lengths,
+                           scale, layout, kernel, accumulate, threads);
   const Framework fw = FrameworkOf(q_obj);
   AttentionBackwardParams p;
-  p.q = InView(q, "q", o.bshd);
-  p.k = InView(k, "k", o.bshd);
-  p.v = InView(v, "v", o.bshd);
+  FillCommon(o, q, k, v, &p);
   if (out) p.out = InView(*out, "out", o.bshd);
   p.dout = InView(dout, "dout", o.bshd);
   if (lse) p.lse = LseView(*lse);
-  ResolveMask(o, {p.q.shape[0], p.q.shape[1], p.q.shape[2], p.k.shape[2]});
-  p.mask = o.mask;
-  p.scale = o.scale;
-  p.kernel = o.kernel;
-  p.accumulate = ResolveAccumulate(o, p.q.dtype);
-  p.num_threads = o.threads;
   nb::object dq = NewOutput(fw, p.q.dtype, p.q.shape, o.bshd, &p.dq);
   nb::object dk = NewOutput(fw, p.k.dtype, p.k.shape, o.bshd, &p.dk);
   nb::object dv = NewOutput(fw, p.v.dtype, p.v.shape, o.bshd, &p.dv);
   nb::object dmask;
   if (return_dmask) {
-    if (!o.mask_array) throw Error("return_dmask: True without a mask (expected an additive float mask)");
+    if (!o.mask_array)
+      throw Error("return_dmask: True without a mask (expected an additive float mask)");
     const std::vector<size_t> own = MaskOwnShape(*o.mask_array);
     Shape4 own4{1, 1, 1, 1};
     for (size_t i = 0; i < own.size(); ++i) own4[4 - own.size() + i] = static_cast<int64_t>(own[i]);
@@ -300,22 +303,22 @@ nb::dict InfoDict(const AttentionInfo& info) {
 }
 
 void BindAttention(nb::module_& m) {
-  m.def(
-      "attention",
-      &Attend,
-      "q"_a.none(), "k"_a.none(), "v"_a.none(), nb::kw_only(), "causal"_a.none() = nb::none(), "window"_a.none() = nb::none(),
-      "mask"_a.none() = nb::none(), "key_lengths"_a.none() = nb::none(), "scale"_a.none() = nb::none(),
-      "layout"_a = "bhsd", "kernel"_a = "auto", "accumulate"_a.none() = nb::none(), "threads"_a = 0,
-      "return_lse"_a = false, "return_weights"_a = false, "return_info"_a = false,
-      "out"_a.none() = nb::none(),
-      nb::sig("def attention(q: numpy.typing.ArrayLike, k: numpy.typing.ArrayLike, v: numpy.typing.ArrayLike, *, "
-              "causal: str | None = None, window: tuple[int | None, int | None] | None = None, "
-              "mask: numpy.typing.ArrayLike | None = None, key_lengths: numpy.typing.ArrayLike | collections.abc.Sequence[int] | None = None, "
-              "scale: float | None = None, layout: str = 'bhsd', kernel: str = 'auto', "
-              "accumulate: str | None = None, threads: int = 0, return_lse: bool = False, "
-              "return_weights: bool = False, return_info: bool = False, "
-              "out: numpy.typing.ArrayLike | None = None) -> typing.Any"),
-      R"(Scaled dot-product attention: softmax(scale * q @ k^T + mask) @ v.
+  m.def("attention", &Attend, "q"_a.none(), "k"_a.none(), "v"_a.none(), nb::kw_only(),
+        "causal"_a.none() = nb::none(), "window"_a.none() = nb::none(),
+        "mask"_a.none() = nb::none(), "key_lengths"_a.none() = nb::none(),
+        "scale"_a.none() = nb::none(), "layout"_a = "bhsd", "kernel"_a = "auto",
+        "accumulate"_a.none() = nb::none(), "threads"_a = 0, "return_lse"_a = false,
+        "return_weights"_a = false, "return_info"_a = false, "out"_a.none() = nb::none(),
+        nb::sig("def attention(q: numpy.typing.ArrayLike, k: numpy.typing.ArrayLike, v: "
+                "numpy.typing.ArrayLike, *, "
+                "causal: str | None = None, window: tuple[int | None, int | None] | None = None, "
+                "mask: numpy.typing.ArrayLike | None = None, key_lengths: numpy.typing.ArrayLike | "
+                "collections.abc.Sequence[int] | None = None, "
+                "scale: float | None = None, layout: str = 'bhsd', kernel: str = 'auto', "
+                "accumulate: str | None = None, threads: int = 0, return_lse: bool = False, "
+                "return_weights: bool = False, return_info: bool = False, "
+                "out: numpy.typing.ArrayLike | None = None) -> typing.Any"),
+        R"(Scaled dot-product attention: softmax(scale * q @ k^T + mask) @ v.
 
 q [batch, num_q_heads, seq_q, head_dim], k [batch, num_kv_heads, seq_kv, head_dim],
 v [batch, num_kv_heads, seq_kv, head_dim_v] (layout 'bhsd'; 'bshd' swaps heads and
@@ -337,23 +340,24 @@ log-sum-exp (-inf for a row with no key), weights the softmax probabilities, inf
 dict naming the kernel that ran and why. Rows with no allowed key are zero, never NaN.
 Raises ValueError with qkv's one-line message; nothing is written on error.)");
 
-  m.def(
-      "attention_backward",
-      &AttendBackward,
-      "q"_a.none(), "k"_a.none(), "v"_a.none(), "out"_a.none(), "dout"_a.none(),
-      "lse"_a.none() = nb::none(), nb::kw_only(),
-      "causal"_a.none() = nb::none(), "window"_a.none() = nb::none(), "mask"_a.none() = nb::none(),
-      "key_lengths"_a.none() = nb::none(), "scale"_a.none() = nb::none(), "layout"_a = "bhsd",
-      "kernel"_a = "auto", "accumulate"_a.none() = nb::none(), "threads"_a = 0,
-      "return_dmask"_a = false, "return_info"_a = false,
-      nb::sig("def attention_backward(q: numpy.typing.ArrayLike, k: numpy.typing.ArrayLike, v: numpy.typing.ArrayLike, "
-              "out: numpy.typing.ArrayLike | None, dout: numpy.typing.ArrayLike, lse: numpy.typing.ArrayLike | None = None, *, "
-              "causal: str | None = None, window: tuple[int | None, int | None] | None = None, "
-              "mask: numpy.typing.ArrayLike | None = None, key_lengths: numpy.typing.ArrayLike | collections.abc.Sequence[int] | None = None, "
-              "scale: float | None = None, layout: str = 'bhsd', kernel: str = 'auto', "
-              "accumulate: str | None = None, threads: int = 0, return_dmask: bool = False, "
-              "return_info: bool = False) -> tuple[typing.Any, ...]"),
-      R"(Gradients of attention: (dq, dk, dv[, dmask][, info]).
+  m.def("attention_backward", &AttendBackward, "q"_a.none(), "k"_a.none(), "v"_a.none(),
+        "out"_a.none(), "dout"_a.none(), "lse"_a.none() = nb::none(), nb::kw_only(),
+        "causal"_a.none() = nb::none(), "window"_a.none() = nb::none(),
+        "mask"_a.none() = nb::none(), "key_lengths"_a.none() = nb::none(),
+        "scale"_a.none() = nb::none(), "layout"_a = "bhsd", "kernel"_a = "auto",
+        "accumulate"_a.none() = nb::none(), "threads"_a = 0, "return_dmask"_a = false,
+        "return_info"_a = false,
+        nb::sig("def attention_backward(q: numpy.typing.ArrayLike, k: numpy.typing.ArrayLike, v: "
+                "numpy.typing.ArrayLike, "
+                "out: numpy.typing.ArrayLike | None, dout: numpy.typing.ArrayLike, lse: "
+                "numpy.typing.ArrayLike | None = None, *, "
+                "causal: str | None = None, window: tuple[int | None, int | None] | None = None, "
+                "mask: numpy.typing.ArrayLike | None = None, key_lengths: numpy.typing.ArrayLike | "
+                "collections.abc.Sequence[int] | None = None, "
+                "scale: float | None = None, layout: str = 'bhsd', kernel: str = 'auto', "
+                "accumulate: str | None = None, threads: int = 0, return_dmask: bool = False, "
+                "return_info: bool = False) -> tuple[typing.Any, ...]"),
+        R"(Gradients of attention: (dq, dk, dv[, dmask][, info]).
 
 q, k, v and every option as in attention(); out and lse are the forward's (either may
 be None: the forward is then recomputed and info['reason'] says so); dout = dL/dout in
