@@ -12,6 +12,7 @@
 #include "commands.h"
 #include "common.h"
 #include "qkv/error.h"
+#include "qkv/version.h"
 
 namespace qkv::cli {
 namespace {
@@ -26,6 +27,8 @@ int RunCommandLine(int argc, char** argv, std::FILE* err,
   CLI::App app{"qkv: exact, fast attention. softmax(Q.K^T * scale + M) . V on .npy files.", "qkv"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Print help for every command");
+  app.set_version_flag("--version", BuildInfo(),
+                       "Print the version, git revision, compiler and SIMD targets, and exit");
   const Runner runners[] = {
       AddAttendCommand(app),     AddBackwardCommand(app), AddDemoCommand(app),
       AddBenchCommand(app),      AddPositionalCommand(app), AddClassicCommand(app),

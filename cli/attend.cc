@@ -64,29 +64,33 @@ int RunAttend(const AttendFlags& f) {
   p.scale = f.scale;
   p.num_threads = f.threads;
   p.kernel = KernelFromName(f.kernel);
+  p.accumulate = f.accumulate == "f64" ? Accumulate::kFloat64 : Accumulate::kFloat32;
   MaskInputs mask_inputs;
   ResolveMask(f, {batch, heads, seq_q, seq_kv}, &mask_inputs, &p.mask);
 
-  // Outputs: O in Q's layout and dtype; weights and LSE float32.
+  // Outputs: O in Q's layout and dtype; weights and LSE float32 (float64
+  // with --accumulate f64).
   const DType out_dtype = q.view.dtype;
+  const DType stat_dtype = f.accumulate == "f64" ? DType::kFloat64 : DType::kFloat32;
   const double out_elems = 1.0 * batch * heads * seq_q * head_dim_v;
   const double weight_elems = f.weights.empty() ? 0.0 : 1.0 * batch * heads * seq_q * seq_kv;
   const double lse_elems = f.lse.empty() ? 0.0 : 1.0 * batch * heads * seq_q;
   CheckFitsInMemory(std::string("the outputs (--out") + (f.weights.empty() ? "" : ", --weights") +
                         (f.lse.empty() ? "" : ", --lse") + ")",
-                    out_elems * DTypeSize(out_dtype) + 4.0 * (weight_elems + lse_elems));
+                    out_elems * DTypeSize(out_dtype) +
+                        DTypeSize(stat_dtype) * (weight_elems + lse_elems));
   std::vector<unsigned char> out(static_cast<size_t>(out_elems) * DTypeSize(out_dtype));
-  std::vector<float> weights(static_cast<size_t>(weight_elems));
-  std::vector<float> lse(static_cast<size_t>(lse_elems));
+  std::vector<unsigned char> weights(static_cast<size_t>(weight_elems) * DTypeSize(stat_dtype));
+  std::vector<unsigned char> lse(static_cast<size_t>(lse_elems) * DTypeSize(stat_dtype));
   p.out = bshd ? MutableTensorView::FromBSHD(out.data(), out_dtype, batch, seq_q, heads, head_dim_v)
                : MutableTensorView::Contiguous(out.data(), out_dtype,
                                                {batch, heads, seq_q, head_dim_v});
   if (!f.weights.empty()) {
-    p.weights = MutableTensorView::Contiguous(weights.data(), DType::kFloat32,
+    p.weights = MutableTensorView::Contiguous(weights.data(), stat_dtype,
                                               {batch, heads, seq_q, seq_kv});
   }
   if (!f.lse.empty()) {
-    p.lse = MutableTensorView::Contiguous(lse.data(), DType::kFloat32, {batch, heads, seq_q, 1});
+    p.lse = MutableTensorView::Contiguous(lse.data(), stat_dtype, {batch, heads, seq_q, 1});
   }
 
   const auto start = std::chrono::steady_clock::now();
@@ -102,9 +106,9 @@ int RunAttend(const AttendFlags& f) {
                 out.data());
   }
   if (!f.weights.empty()) {
-    outputs.Add(f.weights, DType::kFloat32, {batch, heads, seq_q, seq_kv}, weights.data());
+    outputs.Add(f.weights, stat_dtype, {batch, heads, seq_q, seq_kv}, weights.data());
   }
-  if (!f.lse.empty()) outputs.Add(f.lse, DType::kFloat32, {batch, heads, seq_q}, lse.data());
+  if (!f.lse.empty()) outputs.Add(f.lse, stat_dtype, {batch, heads, seq_q}, lse.data());
   outputs.Commit();
 
   if (f.verbose) {

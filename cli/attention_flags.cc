@@ -42,6 +42,12 @@ void AddAttentionFlags(CLI::App* cmd, AttentionFlags& f, const std::string& tens
   cmd->add_option("--kernel", f.kernel, "Kernel (auto picks; --verbose says which ran and why)")
       ->check(CLI::IsMember(KernelNames()))
       ->capture_default_str();
+  cmd->add_option("--accumulate", f.accumulate,
+                  "Arithmetic: f32 (float16, float32 and float64 inputs all computed in float32) "
+                  "or f64 (inputs widened to float64 and everything in float64: the reference "
+                  "kernel, the tests' oracle; lse and weights then written as float64)")
+      ->check(CLI::IsMember({"f32", "f64"}))
+      ->capture_default_str();
   cmd->add_option("--threads", f.threads, "Threads (0 = all cores); results never depend on it")
       ->capture_default_str();
   cmd->add_flag("--verbose", f.verbose, "Print which kernel ran, why, and its scratch memory");

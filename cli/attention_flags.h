@@ -27,6 +27,7 @@ struct AttentionFlags {
   std::optional<double> scale;
   std::string layout = "bhsd";
   std::string kernel = "auto";
+  std::string accumulate = "f32";  // f32 or f64 (Accumulate::kFloat64, reference kernel)
   int threads = 0;
   bool verbose = false;
   // Random mode: --shape B,H,N,D [--kv-heads G] [--seq-kv N] [--seed S].

@@ -154,6 +154,7 @@ int RunBackward(const BackwardFlags& f) {
   p.scale = f.scale;
   p.num_threads = f.threads;
   p.kernel = KernelFromName(f.kernel);
+  p.accumulate = f.accumulate == "f64" ? Accumulate::kFloat64 : Accumulate::kFloat32;
   MaskInputs mask_inputs;
   ResolveMask(f, {batch, heads, seq_q, seq_kv}, &mask_inputs, &p.mask);
   const NpyArray& mask_array = mask_inputs.mask;

@@ -22,8 +22,9 @@ struct MemoryFlags {
   bool json = false;
 };
 
-// Returns "68,719,476,736".
+// Returns "68,719,476,736" ("> 2^63" for a figure that overflowed).
 std::string Grouped(int64_t v) {
+  if (v == kMemoryPlanOverflow) return "> 2^63";
   std::string digits = std::to_string(v), out;
   for (size_t i = 0; i < digits.size(); ++i) {
     if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
@@ -35,6 +36,7 @@ std::string Grouped(int64_t v) {
 // Returns "68,719,476,736 bytes = 68.7 GB = 64 GiB": decimal (1e3 steps)
 // and binary (2^10 steps) units, each picked by magnitude.
 std::string Bytes(int64_t v) {
+  if (v == kMemoryPlanOverflow) return "> 2^63 bytes (too large to plan)";
   static const char* const kDecimal[] = {"B", "kB", "MB", "GB", "TB", "PB", "EB"};
   static const char* const kBinary[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
   double dec = static_cast<double>(v), bin = dec;
@@ -44,6 +46,14 @@ std::string Bytes(int64_t v) {
   char text[96];
   std::snprintf(text, sizeof text, " bytes = %.3g %s = %.3g %s", dec, kDecimal[di], bin, kBinary[bi]);
   return Grouped(v) + text;
+}
+
+// Returns " = 4.29 GFLOP" (nothing for a figure that overflowed).
+std::string Gflop(int64_t flops) {
+  if (flops == kMemoryPlanOverflow) return "";
+  char text[64];
+  std::snprintf(text, sizeof text, " = %.3g GFLOP", static_cast<double>(flops) * 1e-9);
+  return text;
 }
 
 int RunMemory(const MemoryFlags& flags) {
@@ -57,6 +67,10 @@ int RunMemory(const MemoryFlags& flags) {
   const int64_t seq = f.seq, batch = f.batch;
 
   if (flags.json) {
+    // A figure beyond 2^63 - 1 is null.
+    const auto value = [](int64_t v) {
+      return v == kMemoryPlanOverflow ? nlohmann::json(nullptr) : nlohmann::json(v);
+    };
     const nlohmann::json j = {
         {"preset", f.preset},
         {"layers", p.layers},
@@ -69,12 +83,12 @@ int RunMemory(const MemoryFlags& flags) {
         {"dtype", f.dtype},
         {"threads", f.threads},
         {"cached_tokens", tokens},
-        {"kv_cache_bytes_per_token", per_token},
-        {"kv_cache_bytes", kv_cache},
-        {"score_matrix_bytes_per_layer", scores},
+        {"kv_cache_bytes_per_token", value(per_token)},
+        {"kv_cache_bytes", value(kv_cache)},
+        {"score_matrix_bytes_per_layer", value(scores)},
         {"flash_working_set_bytes_per_thread", flash_thread},
-        {"flash_working_set_bytes", flash},
-        {"attention_flops_per_token", flops}};
+        {"flash_working_set_bytes", value(flash)},
+        {"attention_flops_per_token", value(flops)}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
@@ -93,8 +107,8 @@ int RunMemory(const MemoryFlags& flags) {
               Bytes(flash_thread).c_str(), Grouped(flash).c_str(), f.threads,
               f.threads == 1 ? "" : "s");
   std::printf("attention flops per generated token (q.k and p.v only; no projections or MLP): "
-              "%s = %.3g GFLOP\n",
-              Grouped(flops).c_str(), static_cast<double>(flops) * 1e-9);
+              "%s%s\n",
+              Grouped(flops).c_str(), Gflop(flops).c_str());
   return 0;
 }
 

@@ -3,6 +3,7 @@
 #include "qkv/memory_plan.h"
 
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 
 #include "kernels/flash_attention.h"
@@ -36,11 +37,12 @@ std::string Name(const MemoryPlanConfig& c, std::string field) {
   return c.flag_prefix + field;
 }
 
-// Returns a * b; throws naming `what` when it exceeds int64.
-int64_t Mul(int64_t a, int64_t b, const char* what) {
-  int64_t r = 0;
-  if (__builtin_mul_overflow(a, b, &r)) {
-    throw Error(std::string(what) + ": more than 2^63 (expected a smaller configuration)");
+// Returns the product of `factors`, or kMemoryPlanOverflow when it exceeds
+// int64 (every factor is >= 0).
+int64_t Product(std::initializer_list<int64_t> factors) {
+  int64_t r = 1;
+  for (int64_t f : factors) {
+    if (__builtin_mul_overflow(r, f, &r)) return kMemoryPlanOverflow;
   }
   return r;
 }
@@ -119,29 +121,24 @@ MemoryPlan PlanMemory(const MemoryPlanConfig& c) {
   const int64_t tokens = m.window > 0 ? std::min(c.seq, m.window) : c.seq;
   plan.cached_tokens = tokens;
   // KV cache: K and V of every layer, kv head and kept token (+ int8 scales).
-  plan.kv_cache_bytes_per_token = Mul(Mul(2 * m.layers, m.kv_heads, "kv cache bytes"),
-                                      m.head_dim * bytes + (int8 ? 4 : 0), "kv cache bytes");
-  plan.kv_cache_bytes =
-      Mul(Mul(plan.kv_cache_bytes_per_token, tokens, "kv cache bytes"), c.batch, "kv cache bytes");
+  plan.kv_cache_bytes_per_token =
+      Product({2 * m.layers, m.kv_heads, m.head_dim * bytes + (int8 ? 4 : 0)});
+  plan.kv_cache_bytes = plan.kv_cache_bytes_per_token == kMemoryPlanOverflow
+                            ? kMemoryPlanOverflow
+                            : Product({plan.kv_cache_bytes_per_token, tokens, c.batch});
   // Naive attention: the [batch, heads, seq, seq] score matrix of one layer.
   const int64_t score_bytes = int8 ? 4 : bytes;
-  plan.score_matrix_bytes_per_layer =
-      Mul(Mul(Mul(c.batch, m.heads, "score matrix bytes"),
-              Mul(c.seq, c.seq, "score matrix bytes"), "score matrix bytes"),
-          score_bytes, "score matrix bytes");
+  plan.score_matrix_bytes_per_layer = Product({c.batch, m.heads, c.seq, c.seq, score_bytes});
   // Flash kernel: fixed tiles per thread (the kernel's own accounting).
   internal::Problem problem;
   problem.batch = c.batch, problem.num_q_heads = m.heads, problem.num_kv_heads = m.kv_heads;
   problem.group_size = m.heads / m.kv_heads, problem.seq_q = c.seq, problem.seq_kv = c.seq;
   problem.head_dim = m.head_dim, problem.head_dim_v = m.head_dim, problem.threads = 1;
   plan.flash_working_set_bytes_per_thread = internal::FlashScratchBytes(problem);
-  plan.flash_working_set_bytes =
-      Mul(plan.flash_working_set_bytes_per_thread, c.threads, "flash working set");
+  plan.flash_working_set_bytes = Product({plan.flash_working_set_bytes_per_thread, c.threads});
   // One generated token: 2 * head_dim flops for q.k and 2 * head_dim for p.v
   // per attended token, query head and layer.
-  plan.attention_flops_per_token =
-      Mul(Mul(Mul(4 * m.layers, m.heads, "flops per token"), m.head_dim, "flops per token"),
-          tokens, "flops per token");
+  plan.attention_flops_per_token = Product({4 * m.layers, m.heads, m.head_dim, tokens});
   return plan;
 }
 

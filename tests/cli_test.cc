@@ -748,6 +748,65 @@ TEST_F(CliTest, MemoryDecodeAndDecodeBench) {
   ExpectUsageError({"memory", "--kv-heads", "3", "--heads", "32", "--head-dim", "64", "--seq", "8"}, "kv-heads");
 }
 
+// qkv memory answers what it can (issue 18): a score matrix beyond 2^63
+// bytes is printed as such (null in JSON), the rest of the plan as usual.
+TEST_F(CliTest, MemoryPrintsWhatFitsWhenOneFigureOverflows) {
+  const CliResult m = Run({"memory", "--preset", "llama3-8b", "--seq", "2147483647"});
+  ASSERT_TRUE(m.exited && m.status == 0) << Describe(m);
+  EXPECT_NE(m.out.find("naive score matrix per layer (f16): > 2^63 bytes"), std::string::npos)
+      << m.out;
+  // 2 * 32 layers * 8 kv heads * 128 * 2 bytes = 131072 bytes per token.
+  EXPECT_NE(m.out.find("131,072 bytes per token"), std::string::npos) << m.out;
+  const CliResult j = Run({"memory", "--preset", "llama3-8b", "--seq", "2147483647", "--json"});
+  ASSERT_TRUE(j.exited && j.status == 0) << Describe(j);
+  EXPECT_NE(j.out.find("\"score_matrix_bytes_per_layer\":null"), std::string::npos) << j.out;
+  EXPECT_NE(j.out.find("\"kv_cache_bytes\":" + std::to_string(int64_t{131072} * 2147483647)),
+            std::string::npos)
+      << j.out;
+}
+
+// --accumulate f64 (issue 18): float64 inputs give float64 outputs computed
+// in float64 (lse and weights too), to float64 accuracy.
+TEST_F(CliTest, AccumulateF64IsFloat64EndToEnd) {
+  auto write_f64 = [&](const std::string& path, const std::vector<int64_t>& shape,
+                       const std::vector<float>& data) {
+    const std::vector<double> wide(data.begin(), data.end());
+    WriteNpy(path, DType::kFloat64, shape, wide.data());
+  };
+  write_f64(Path("q64.npy"), {kB, kH, kNq, kD}, q_data_);
+  write_f64(Path("k64.npy"), {kB, kHkv, kNk, kD}, k_data_);
+  write_f64(Path("v64.npy"), {kB, kHkv, kNk, kDv}, v_data_);
+  const CliResult r =
+      Run(AttendArgs({"--accumulate", "f64"}, Path("q64.npy"), Path("k64.npy"), Path("v64.npy")));
+  ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
+  const NpyArray out = ReadNpy(out_), weights = ReadNpy(weights_), lse = ReadNpy(lse_);
+  ASSERT_EQ(out.dtype, DType::kFloat64);
+  ASSERT_EQ(weights.dtype, DType::kFloat64);
+  ASSERT_EQ(lse.dtype, DType::kFloat64);
+  const Oracle o = NaiveAttention(q_data_, k_data_, v_data_, kB, kH, kHkv, kNq, kNk, kD, kDv);
+  // Both sides compute in double from the same values: a few ulp of |x| <= 12.
+  const double tol = 64 * std::numeric_limits<double>::epsilon() * 12.0;
+  for (size_t i = 0; i < o.out.size(); ++i) EXPECT_NEAR(out.data<double>()[i], o.out[i], tol);
+  for (size_t i = 0; i < o.weights.size(); ++i) {
+    EXPECT_NEAR(weights.data<double>()[i], o.weights[i], tol);
+  }
+  for (size_t i = 0; i < o.lse.size(); ++i) EXPECT_NEAR(lse.data<double>()[i], o.lse[i], tol);
+  for (const std::string& p : {out_, weights_, lse_}) fs::remove(p);
+  ExpectUsageError(AttendArgs({"--accumulate", "f128"}), "--accumulate");
+}
+
+// qkv --version (issue 18): version, git revision, compiler, the SIMD
+// targets compiled and the one running.
+TEST_F(CliTest, VersionPrintsBuildFacts) {
+  const CliResult r = Run({"--version"});
+  ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
+  EXPECT_EQ(r.out.rfind("qkv 0.", 0), 0u) << r.out;
+  for (const char* part : {"(git ", "SIMD targets built: ", "; running: "}) {
+    EXPECT_NE(r.out.find(part), std::string::npos) << part << " missing in " << r.out;
+  }
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
+}
+
 TEST_F(CliTest, DemoPrintsOk) {
   const CliResult r = Run({"demo"}, 60.0);
   ASSERT_TRUE(r.exited) << Describe(r);

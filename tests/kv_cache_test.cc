@@ -713,7 +713,8 @@ TEST(KvCacheTest, BadConfigNamesTheField) {
        "num_blocks"},
   };
   for (const auto& [config, field] : cases) {
-    ExpectError([&] { KvCache cache(config); }, "KvCacheConfig." + field);
+    const KvCacheConfig& c = config;  // clang 14 cannot capture a structured binding
+    ExpectError([&c] { KvCache cache(c); }, "KvCacheConfig." + field);
   }
   // Fields of other kinds are ignored: a sliding cache with capacity 0.
   EXPECT_NO_THROW(KvCache(with([](auto& c) { c.kind = CacheKind::kSliding, c.capacity = 0; })));

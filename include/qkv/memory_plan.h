@@ -39,6 +39,11 @@ struct MemoryPlanConfig {
   std::string flag_prefix;
 };
 
+// Each figure is -1 when it exceeds 2^63 - 1 (kMemoryPlanOverflow): the
+// plan still answers the others (--seq 2147483647 overflows the score
+// matrix, not the KV cache).
+inline constexpr int64_t kMemoryPlanOverflow = -1;
+
 struct MemoryPlan {
   MemoryPlanConfig config;  // with every field resolved
   int64_t layers = 0, heads = 0, kv_heads = 0, head_dim = 0, window = 0;
@@ -53,7 +58,7 @@ struct MemoryPlan {
 
 // Validates `config` (throws qkv::Error naming the field, with the config's
 // flag_prefix) and returns the plan. Every product is checked for int64
-// overflow.
+// overflow; a figure that overflows is kMemoryPlanOverflow.
 MemoryPlan PlanMemory(const MemoryPlanConfig& config);
 
 // The preset names PlanMemory accepts.

@@ -248,6 +248,11 @@ nb::tuple MergePartials(nb::handle out_parts, nb::handle lse_parts) {
   return nb::make_tuple(out, lse);
 }
 
+// A planner figure, None when it exceeds 2^63 - 1.
+nb::object Figure(int64_t v) {
+  return v == kMemoryPlanOverflow ? nb::none() : nb::cast(v);
+}
+
 nb::dict MemoryPlanDict(std::optional<std::string> preset, std::optional<int64_t> layers,
                         std::optional<int64_t> heads, std::optional<int64_t> kv_heads,
                         std::optional<int64_t> head_dim, std::optional<int64_t> window, int64_t seq,
@@ -269,12 +274,12 @@ nb::dict MemoryPlanDict(std::optional<std::string> preset, std::optional<int64_t
   d["dtype"] = p.config.dtype;
   d["threads"] = p.config.threads;
   d["cached_tokens"] = p.cached_tokens;
-  d["kv_cache_bytes_per_token"] = p.kv_cache_bytes_per_token;
-  d["kv_cache_bytes"] = p.kv_cache_bytes;
-  d["score_matrix_bytes_per_layer"] = p.score_matrix_bytes_per_layer;
+  d["kv_cache_bytes_per_token"] = Figure(p.kv_cache_bytes_per_token);
+  d["kv_cache_bytes"] = Figure(p.kv_cache_bytes);
+  d["score_matrix_bytes_per_layer"] = Figure(p.score_matrix_bytes_per_layer);
   d["flash_working_set_bytes_per_thread"] = p.flash_working_set_bytes_per_thread;
-  d["flash_working_set_bytes"] = p.flash_working_set_bytes;
-  d["attention_flops_per_token"] = p.attention_flops_per_token;
+  d["flash_working_set_bytes"] = Figure(p.flash_working_set_bytes);
+  d["attention_flops_per_token"] = Figure(p.attention_flops_per_token);
   return d;
 }
 

@@ -20,6 +20,7 @@
 #include "qkv/attention.h"
 #include "qkv/attention_backward.h"
 #include "qkv/error.h"
+#include "qkv/version.h"
 
 namespace qkv::python {
 namespace {
@@ -380,6 +381,9 @@ NB_MODULE(_qkv, m) {
     }
   });
   m.attr("__version__") = QKV_VERSION;
+  m.def("build_info", &qkv::BuildInfo,
+        "One line: the version, git revision, compiler, build type, the SIMD targets compiled "
+        "and the one running (as `qkv --version` prints it).");
   qkv::python::BindAttention(m);
   qkv::python::BindCache(m);
 }

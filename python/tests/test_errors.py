@@ -249,3 +249,10 @@ def test_non_contiguous_and_read_only_inputs_do_not_crash():
     allowed, add = allowed_pairs(B, H, NQ, NK, mask=mask, key_lengths=lens)
     o = forward_oracle(q, k, v, allowed=allowed, add=add)
     check_forward(o, out, lse, u=U64, out_dtype=np.float64, stat_dtype=np.float64)
+
+
+def test_build_info_names_version_and_simd_target():
+    info = qkv.build_info()
+    assert info.startswith(f"qkv {qkv.__version__} (git ")
+    assert "SIMD targets built: " in info and "; running: " in info
+    assert "\n" not in info
