@@ -129,7 +129,7 @@ test-hardening: fuzz-deps
 	cmake -S . -B $(FUZZ_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
 	  -DQKV_BUILD_FUZZ=ON -DQKV_BUILD_TESTS=ON -DQKV_BUILD_BENCH=OFF
 	cmake --build $(FUZZ_DIR) -j$(JOBS)
-	cd $(FUZZ_DIR) && ctest -j$(JOBS) --output-on-failure
+	cd $(FUZZ_DIR) && LSAN_OPTIONS=suppressions=$(CURDIR)/fuzz/lsan.supp ctest -j$(JOBS) --output-on-failure
 	$(MAKE) fuzz-run FUZZ_SECONDS=$(CI_FUZZ_SECONDS)
 
 clean:
