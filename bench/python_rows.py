@@ -5,7 +5,8 @@ Both run in `--torch-python`, an interpreter with a current PyTorch from PyPI an
 
 1. Call overhead: `qkv.attention(q, k, v, threads=T)` on NumPy float32 arrays, median of many
    calls each timed alone (time.perf_counter_ns), against the C++ call's median from
-   `qkv bench --json` (Attention() alone, outputs preallocated) at the same shape and threads.
+   `qkv bench --json` (Attention() alone, outputs preallocated) at the same shape and threads;
+   the two alternate for several rounds and the medians of the rounds are compared.
    The Python call also allocates its output array: that is part of the overhead.
 2. Training step: out = sdpa(q, k, v); out.backward(dout), forward + backward timed together,
    qkv.torch.scaled_dot_product_attention against torch.nn.functional.scaled_dot_product_attention
@@ -15,6 +16,7 @@ Both run in `--torch-python`, an interpreter with a current PyTorch from PyPI an
 """
 import json
 import os
+import statistics
 import subprocess
 
 OVERHEAD_SCRIPT = r"""
@@ -78,19 +80,25 @@ def python_section(a, out):
     out("**Python call overhead** (`qkv.attention` on NumPy float32 arrays vs `qkv bench --json`, "
         "the C++ Attention() call alone; medians):")
     out("")
-    out("| B,H,N,D | threads | C++ call | Python call | overhead | Python / C++ |")
-    out("|---|---|---|---|---|---|")
-    for shape, calls, reps in (((1, 1, 16, 64), 20000, 10000), ((1, 8, 4096, 64), 9, 9)):
+    out("| B,H,N,D | threads | rounds | C++ call | Python call | overhead | Python / C++ |")
+    out("|---|---|---|---|---|---|---|")
+    for shape, calls, reps, rounds in (((1, 1, 16, 64), 20000, 10000, 5),
+                                       ((1, 8, 4096, 64), 9, 9, 1)):
         for t in threads:
             b, h, n, d = shape
-            cpp = _json([os.path.join(a.build, "qkv"), "bench", "--shape", f"{b},{h},{n},{d}",
-                         "--threads", str(t), "--repeat", str(reps), "--json"])
-            pyr = _json([py, "-c", OVERHEAD_SCRIPT, str(b), str(h), str(n), str(d), str(t),
-                         str(calls)])
-            c, p = cpp["median_s"], pyr["median_s"]
+            # C++ and Python alternate, `rounds` times: each median is the median of the
+            # rounds' medians, so that a neighbour slowing the VM for a while moves both.
+            cs, ps = [], []
+            for _ in range(rounds):
+                cs.append(_json([os.path.join(a.build, "qkv"), "bench", "--shape",
+                                 f"{b},{h},{n},{d}", "--threads", str(t), "--repeat", str(reps),
+                                 "--json"])["median_s"])
+                ps.append(_json([py, "-c", OVERHEAD_SCRIPT, str(b), str(h), str(n), str(d),
+                                 str(t), str(calls)])["median_s"])
+            c, p = statistics.median(cs), statistics.median(ps)
             unit, scale = ("us", 1e6) if c < 1e-3 else ("ms", 1e3)
-            out(f"| {b},{h},{n},{d} | {t} | {c * scale:.2f} {unit} | {p * scale:.2f} {unit} | "
-                f"{(p - c) * 1e6:+.2f} us | {p / c:.3f} |")
+            out(f"| {b},{h},{n},{d} | {t} | {rounds} | {c * scale:.2f} {unit} | "
+                f"{p * scale:.2f} {unit} | {(p - c) * 1e6:+.2f} us | {p / c:.3f} |")
     out("")
     n = a.python_n
     rows = []
