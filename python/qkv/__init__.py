@@ -1,7 +1,7 @@
 """qkv: exact, fast attention on NumPy arrays and CPU torch tensors.
 
 The functions are the C++ library's own, called without copies and with the
-GIL released:
+GIL released (but for calls of a few microseconds):
 
 - :func:`attention` / :func:`attention_backward`: scaled dot-product attention
   and its gradients, every mask kind, GQA/MQA, float32/float16/float64;
