@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "arrays.h"
@@ -63,33 +64,31 @@ class ReadGuard {
   std::vector<PyKvCache*> caches_;
 };
 
+// The kinds as Python spells them, for parsing and for config().
+constexpr std::pair<const char*, CacheKind> kKinds[] = {{"contiguous", CacheKind::kContiguous},
+                                                       {"sliding", CacheKind::kSliding},
+                                                       {"sinks", CacheKind::kSinks},
+                                                       {"paged", CacheKind::kPaged}};
+
 CacheKind ParseKind(const std::string& kind) {
-  if (kind == "contiguous") return CacheKind::kContiguous;
-  if (kind == "sliding") return CacheKind::kSliding;
-  if (kind == "sinks") return CacheKind::kSinks;
-  if (kind == "paged") return CacheKind::kPaged;
+  for (const auto& [name, k] : kKinds) {
+    if (kind == name) return k;
+  }
   throw Error("kind: '" + kind + "' (expected 'contiguous', 'sliding', 'sinks' or 'paged')");
 }
 
 const char* KindName(CacheKind kind) {
-  switch (kind) {
-    case CacheKind::kContiguous:
-      return "contiguous";
-    case CacheKind::kSliding:
-      return "sliding";
-    case CacheKind::kSinks:
-      return "sinks";
-    case CacheKind::kPaged:
-      return "paged";
+  for (const auto& [name, k] : kKinds) {
+    if (kind == k) return name;
   }
   return "?";
 }
 
+// The storage dtypes, by the library's own names (DTypeName).
 DType ParseCacheDType(const std::string& dtype) {
-  if (dtype == "float32") return DType::kFloat32;
-  if (dtype == "float16") return DType::kFloat16;
-  if (dtype == "bfloat16") return DType::kBFloat16;
-  if (dtype == "int8") return DType::kInt8;
+  for (DType d : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kInt8}) {
+    if (dtype == DTypeName(d)) return d;
+  }
   throw Error("dtype: '" + dtype + "' (expected 'float32', 'float16', 'bfloat16' or 'int8')");
 }
 
