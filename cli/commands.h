@@ -36,6 +36,8 @@ Runner AddClassicCommand(CLI::App& app);
 Runner AddMhaCommand(CLI::App& app);
 Runner AddDecodeCommand(CLI::App& app);
 Runner AddMemoryCommand(CLI::App& app);
+Runner AddEmbedCommand(CLI::App& app);
+Runner AddTokenizeCommand(CLI::App& app);
 
 // `qkv bench --decode`: one decode step over a filled contiguous cache.
 struct DecodeBenchArgs {

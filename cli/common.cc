@@ -290,12 +290,39 @@ class BlockSignals {
 
 }  // namespace
 
+namespace {
+
+// Writes `text` to `path` (created or truncated); throws qkv::Error
+// "<path>: <reason>" as WriteNpy does, flushing and closing checked.
+void WriteTextFile(const std::string& path, const std::string& text) {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) {
+    throw Error(path + ": cannot create: " + std::strerror(errno) + " (expected a writable path)");
+  }
+  const bool written = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  const int write_error = errno;
+  const bool closed = std::fclose(f) == 0;
+  if (!written || !closed) {
+    throw Error(path + ": cannot write: " + std::strerror(written ? errno : write_error) +
+                " (expected free space and a writable path)");
+  }
+}
+
+}  // namespace
+
 void OutputSet::Add(std::string path, DType dtype, std::vector<int64_t> shape,
                     const void* data) {
   for (const Entry& e : entries_) {
     if (e.path == path) throw Error("output path '" + path + "' is given twice");
   }
-  entries_.push_back({std::move(path), dtype, std::move(shape), data});
+  entries_.push_back({std::move(path), dtype, std::move(shape), data, false, {}, {}});
+}
+
+void OutputSet::AddText(std::string path, std::string text, std::string replaceable_prefix) {
+  Add(std::move(path), DType::kBool, {}, nullptr);
+  entries_.back().is_text = true;
+  entries_.back().text = std::move(text);
+  entries_.back().replaceable_prefix = std::move(replaceable_prefix);
 }
 
 void OutputSet::Commit() {
@@ -308,14 +335,16 @@ void OutputSet::Commit() {
       // Outputs are .npy files: replacing an existing file of another kind
       // (a model.safetensors given to attend's --weights, meant for mha's)
       // is refused. An empty file may be replaced.
-      unsigned char head[6] = {};
+      const std::string magic = e.is_text ? e.replaceable_prefix : std::string("\x93NUMPY");
+      std::string head(magic.size(), '\0');
       std::FILE* f = st.st_size > 0 ? std::fopen(e.path.c_str(), "rb") : nullptr;
-      const bool npy = f == nullptr || (std::fread(head, 1, sizeof head, f) == sizeof head &&
-                                        std::memcmp(head, "\x93NUMPY", sizeof head) == 0);
+      const bool ours = f == nullptr || (std::fread(head.data(), 1, head.size(), f) == head.size() &&
+                                         head == magic);
       if (f != nullptr) std::fclose(f);
-      if (!npy) {
-        throw Error(e.path + ": exists and is not a .npy file (expected a new path, or a .npy " +
-                    "file to replace; outputs never overwrite other files)");
+      if (!ours) {
+        const std::string kind = e.is_text ? "an earlier output of this kind" : "a .npy file";
+        throw Error(e.path + ": exists and is not " + kind + " (expected a new path, or " + kind +
+                    " to replace; outputs never overwrite other files)");
       }
       continue;
     }
@@ -342,7 +371,11 @@ void OutputSet::Commit() {
       g_temp_paths[temps.size() - 1] = temps.back().c_str();
       g_temp_count = static_cast<sig_atomic_t>(temps.size());
       try {
-        WriteNpy(temps.back(), e.dtype, e.shape, e.data);
+        if (e.is_text) {
+          WriteTextFile(temps.back(), e.text);
+        } else {
+          WriteNpy(temps.back(), e.dtype, e.shape, e.data);
+        }
       } catch (const Error& error) {
         // WriteNpy names the temporary; name the output path instead and keep
         // its reason ("cannot create: Read-only file system (...)").

@@ -75,6 +75,9 @@ std::string HumanBytes(double bytes);
 class OutputSet {
  public:
   void Add(std::string path, DType dtype, std::vector<int64_t> shape, const void* data);
+  // A text output (tokens.json): it may replace an existing file only when
+  // that file is empty or starts with `replaceable_prefix`.
+  void AddText(std::string path, std::string text, std::string replaceable_prefix);
   void Commit();
 
  private:
@@ -83,6 +86,8 @@ class OutputSet {
     DType dtype;
     std::vector<int64_t> shape;
     const void* data;
+    bool is_text = false;
+    std::string text, replaceable_prefix;
   };
   std::vector<Entry> entries_;
 };

@@ -26,6 +26,7 @@
 
 #include "qkv/attention.h"
 #include "qkv/error.h"
+#include "qkv/models/layers.h"
 #include "validate.h"
 
 namespace qkv {
@@ -87,62 +88,11 @@ void CheckSize(const char* name, const std::vector<float>& w, int64_t rows, int6
   }
 }
 
-// Returns the [cols, rows] transpose of row-major [rows, cols] `w`.
-std::vector<float> Transpose(const float* w, int64_t rows, int64_t cols) {
-  std::vector<float> t(static_cast<size_t>(rows * cols));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = w[r * cols + c];
-  return t;
-}
-
-// Rows of one projection block; 4 rows share each load of a W^T row, cutting
-// the traffic of W^T (which exceeds L2 from E = 512: 1 MiB) by 4x. The four
-// [out] accumulator rows stay in L1 up to out = 2048 (32 KiB).
-constexpr int64_t kRowBlock = 4;
-
-// Computes y[m, :] = x[m, :] . wt (+ bias) for m < rows, with wt = W^T
-// [in, out] row-major: i-k-j order, so the inner loop runs over contiguous
-// out features and vectorises without reassociation. Each y[m, n] is summed
-// over k in order by one thread (then + bias): deterministic for any thread
-// count. OpenMP splits the row blocks.
-void Linear(const float* x, int64_t rows, int64_t in, const std::vector<float>& wt,
-            const std::vector<float>& bias, int64_t out, float* y, int threads) {
-  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t m0 = blk * kRowBlock, m1 = std::min(rows, m0 + kRowBlock);
-    std::fill(y + m0 * out, y + m1 * out, 0.0f);
-    if (m1 - m0 == kRowBlock) {
-      float* y0 = y + m0 * out;
-      float* y1 = y0 + out;
-      float* y2 = y1 + out;
-      float* y3 = y2 + out;
-      const float* x0 = x + m0 * in;
-      for (int64_t k = 0; k < in; ++k) {
-        const float a0 = x0[k], a1 = x0[in + k], a2 = x0[2 * in + k], a3 = x0[3 * in + k];
-        const float* w = wt.data() + k * out;
-        for (int64_t n = 0; n < out; ++n) {  // y[m, n] += x[m, k] * W^T[k, n]
-          y0[n] += a0 * w[n];
-          y1[n] += a1 * w[n];
-          y2[n] += a2 * w[n];
-          y3[n] += a3 * w[n];
-        }
-      }
-    } else {
-      for (int64_t m = m0; m < m1; ++m) {
-        float* ym = y + m * out;
-        for (int64_t k = 0; k < in; ++k) {
-          const float a = x[m * in + k];
-          const float* w = wt.data() + k * out;
-          for (int64_t n = 0; n < out; ++n) ym[n] += a * w[n];
-        }
-      }
-    }
-    if (!bias.empty()) {
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t n = 0; n < out; ++n) y[m * out + n] += bias[n];
-    }
-  }
+// y = x . W^T + bias on the BLAS path of qkv/models/layers.h (deterministic
+// for any thread count, as the attention).
+void Project(const float* x, int64_t rows, int64_t in, const std::vector<float>& w,
+             const std::vector<float>& bias, int64_t out, float* y, int threads) {
+  models::Linear(x, rows, in, w.data(), bias.empty() ? nullptr : bias.data(), out, y, threads);
 }
 
 // Throws unless `bytes` of working memory fit in this machine's memory.
@@ -265,10 +215,10 @@ MultiHeadAttention::MultiHeadAttention(const MhaConfig& config, const MhaWeights
         "q_bias, k_bias, v_bias: some given, some empty (expected all three or none, "
         "as torch's one in_proj_bias)");
   }
-  q_t_ = Transpose(w.q_proj.data(), e, e);
-  k_t_ = Transpose(w.k_proj.data(), kv_out, config_.kdim);
-  v_t_ = Transpose(w.v_proj.data(), kv_out, config_.vdim);
-  out_t_ = Transpose(w.out_proj.data(), e, e);
+  q_proj_ = w.q_proj;
+  k_proj_ = w.k_proj;
+  v_proj_ = w.v_proj;
+  out_proj_ = w.out_proj;
   q_bias_ = w.q_bias;
   k_bias_ = w.k_bias;
   v_bias_ = w.v_bias;
@@ -390,9 +340,9 @@ AttentionInfo MultiHeadAttention::Forward(const MhaParams& p) const {
   std::vector<float> v(k.size());
   const float* key = self ? p.query.data() : p.key.data();
   const float* value = self ? p.query.data() : p.value.data();
-  Linear(p.query.data(), batch * seq_q, e, q_t_, q_bias_, e, q.data(), threads);
-  Linear(key, batch * seq_kv, config_.kdim, k_t_, k_bias_, kv_out, k.data(), threads);
-  Linear(value, batch * seq_kv, config_.vdim, v_t_, v_bias_, kv_out, v.data(), threads);
+  Project(p.query.data(), batch * seq_q, e, q_proj_, q_bias_, e, q.data(), threads);
+  Project(key, batch * seq_kv, config_.kdim, k_proj_, k_bias_, kv_out, k.data(), threads);
+  Project(value, batch * seq_kv, config_.vdim, v_proj_, v_bias_, kv_out, v.data(), threads);
 
   // 2. Attention per head on strided views; O is written as [B, Nq, H, hd].
   std::vector<float> o(q.size());
@@ -411,7 +361,7 @@ AttentionInfo MultiHeadAttention::Forward(const MhaParams& p) const {
   const AttentionInfo info = Attention(a);
 
   // 3. Output projection of the concatenated heads.
-  Linear(o.data(), batch * seq_q, e, out_t_, out_bias_, e, p.out.data(), threads);
+  Project(o.data(), batch * seq_q, e, out_proj_, out_bias_, e, p.out.data(), threads);
 
   // 4. Averaged weights: sum over heads in order, then / H (torch: sum(dim=1) / num_heads).
   if (averaged) {

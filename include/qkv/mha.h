@@ -111,8 +111,8 @@ class MultiHeadAttention {
 
  private:
   MhaConfig config_;
-  // Transposed to [in, out] so the projection loop reads rows contiguously.
-  std::vector<float> q_t_, k_t_, v_t_, out_t_;
+  // nn.Linear layout [out, in], multiplied by OpenBLAS (qkv/models/layers.h).
+  std::vector<float> q_proj_, k_proj_, v_proj_, out_proj_;
   std::vector<float> q_bias_, k_bias_, v_bias_, out_bias_;
 };
 
