@@ -107,7 +107,7 @@ bench: bench-deps build
 # (fuzz/corpus/<target>) plus what earlier runs found (build/fuzz/corpus);
 # crashes are written to build/fuzz/crashes/<target>/ and listed at the end.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := npy safetensors cli_attend cli_mha cli_decode
+FUZZ_TARGETS := npy safetensors tokenizer cli_attend cli_mha cli_decode
 FUZZ_DIR := $(CURDIR)/build/fuzz
 
 fuzz-deps: deps

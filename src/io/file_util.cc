@@ -69,4 +69,16 @@ void ReadAt(std::FILE* f, uint64_t offset, void* out, size_t size, const std::st
   }
 }
 
+std::string ReadSmallFile(const std::string& path, const std::string& kind, uint64_t max_bytes) {
+  uint64_t size = 0;
+  const FilePtr f = OpenRegularFile(path, kind, &size);
+  if (size > max_bytes) {
+    Fail(path, "is " + std::to_string(size) + " bytes",
+         "a " + kind + " of at most " + std::to_string(max_bytes) + " bytes");
+  }
+  std::string text(static_cast<size_t>(size), '\0');
+  if (size > 0) ReadAt(f.get(), 0, text.data(), text.size(), path);
+  return text;
+}
+
 }  // namespace qkv::internal

@@ -24,6 +24,11 @@ using FilePtr = std::unique_ptr<std::FILE, FileCloser>;
 // size to check a header against); `kind` names it, e.g. ".npy file".
 FilePtr OpenRegularFile(const std::string& path, const std::string& kind, uint64_t* size);
 
+// Returns the whole of a regular file of at most `max_bytes` (a JSON
+// configuration, a tokenizer), or throws naming the path: a FIFO, a device
+// or a larger file is refused before anything is allocated.
+std::string ReadSmallFile(const std::string& path, const std::string& kind, uint64_t max_bytes);
+
 // Reads exactly `size` bytes at `offset` or throws naming the path.
 void ReadAt(std::FILE* f, uint64_t offset, void* out, size_t size, const std::string& path);
 

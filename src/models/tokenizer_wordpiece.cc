@@ -42,12 +42,10 @@
 #include <utf8proc.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
+#include "io/file_util.h"
 #include "qkv/error.h"
 #include "qkv/models/tokenizer.h"
 
@@ -183,12 +181,9 @@ const Json& Section(const Json& root, const char* key, const std::string& name) 
 }  // namespace
 
 WordPieceTokenizer WordPieceTokenizer::FromFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open the tokenizer file: " + std::strerror(errno));
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) throw Error(path + ": read error");
-  return FromJson(text.str(), path);
+  // Real tokenizer.json files are under 20 MB (MiniLM's: 466 KB).
+  constexpr uint64_t kMaxTokenizerBytes = uint64_t{256} << 20;
+  return FromJson(internal::ReadSmallFile(path, "tokenizer.json", kMaxTokenizerBytes), path);
 }
 
 WordPieceTokenizer WordPieceTokenizer::FromJson(std::string_view json_text,

@@ -66,7 +66,7 @@ INSTANTIATE_TEST_SUITE_P(
                       LinearCase{257, 7, 3, true}, LinearCase{3, 0, 4, true}));
 
 TEST(LinearTest, BitwiseIdenticalForAnyThreadCount) {
-  const int64_t rows = 1025, in = 384, out = 1152;  // 9 row blocks of 128
+  const int64_t rows = 1025, in = 384, out = 1152;  // 5 row blocks of 256
   const std::vector<float> x = Random(static_cast<size_t>(rows * in), 4);
   const std::vector<float> w = Random(static_cast<size_t>(out * in), 5);
   const std::vector<float> b = Random(static_cast<size_t>(out), 6);

@@ -89,9 +89,10 @@ class BertEncoder {
   Encoding Tokenize(std::string_view text) const;
 
   // Last hidden states [batch, seq, hidden] of padded token ids [batch, seq]
-  // (lengths[b] in 1..seq real tokens in row b). `weights_out`, when not
-  // null, receives each layer's attention weights [batch, heads, seq, seq]
-  // (layer-major: num_layers blocks).
+  // (lengths[b] in 1..seq real tokens in row b; ids past it are ignored, and
+  // their rows of the result are 0). `weights_out`, when not null, receives
+  // each layer's attention weights [batch, heads, seq, seq] (layer-major:
+  // num_layers blocks; 0 outside the real rows and columns).
   std::vector<float> Forward(std::span<const int32_t> ids, int64_t batch, int64_t seq,
                              std::span<const int64_t> lengths, int num_threads,
                              std::vector<float>* weights_out = nullptr,
