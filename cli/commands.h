@@ -38,6 +38,7 @@ Runner AddDecodeCommand(CLI::App& app);
 Runner AddMemoryCommand(CLI::App& app);
 Runner AddEmbedCommand(CLI::App& app);
 Runner AddTokenizeCommand(CLI::App& app);
+Runner AddPatternsCommand(CLI::App& app);
 
 // `qkv bench --decode`: one decode step over a filled contiguous cache.
 struct DecodeBenchArgs {

@@ -29,11 +29,9 @@
     (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))
 #include <immintrin.h>
 #define QKV_LIBMVEC 1
-extern "C" __m128 _ZGVbN4v_erff(__m128);  // libmvec: erff on 4 floats (SSE ABI)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-extern "C" __m256 _ZGVdN8v_erff(__m256);  // libmvec: erff on 8 floats (AVX2 ABI)
-#pragma GCC pop_options
+// libmvec: erff on 4 floats (SSE ABI) and on 8 floats (AVX2 ABI).
+extern "C" __m128 _ZGVbN4v_erff(__m128);
+extern "C" __attribute__((target("avx2,fma"))) __m256 _ZGVdN8v_erff(__m256);
 #endif
 
 #include "validate.h"
@@ -147,16 +145,14 @@ namespace {
 constexpr float kRsqrt2 = 0.70710678118654752f;
 
 #ifdef QKV_LIBMVEC
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-void Gelu8(float* p) {
+__attribute__((target("avx2,fma"))) void Gelu8(float* p) {
   const __m256 v = _mm256_loadu_ps(p);
   const __m256 e = _ZGVdN8v_erff(_mm256_mul_ps(v, _mm256_set1_ps(kRsqrt2)));
   _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v),
                                     _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
 }
 
-void GeluAvx2(float* x, int64_t count) {
+__attribute__((target("avx2,fma"))) void GeluAvx2(float* x, int64_t count) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) Gelu8(x + i);
   if (i < count) {
@@ -166,7 +162,6 @@ void GeluAvx2(float* x, int64_t count) {
     std::copy(tail, tail + (count - i), x + i);
   }
 }
-#pragma GCC pop_options
 
 void Gelu4(float* p) {
   const __m128 v = _mm_loadu_ps(p);
