@@ -39,6 +39,7 @@ Runner AddMemoryCommand(CLI::App& app);
 Runner AddEmbedCommand(CLI::App& app);
 Runner AddTokenizeCommand(CLI::App& app);
 Runner AddPatternsCommand(CLI::App& app);
+Runner AddExplainCommand(CLI::App& app);
 
 // `qkv bench --decode`: one decode step over a filled contiguous cache.
 struct DecodeBenchArgs {

@@ -37,13 +37,17 @@ std::vector<int64_t> ParseIntList(const std::string& text, size_t count, const c
     }
     if (item.empty() || used != item.size() || v < (allow_zero ? 0 : 1) || v > (1LL << 40)) {
       throw Error(std::string(flag) + ": '" + text + "' is not a list of " +
-                  std::to_string(count) + (allow_zero ? " integers >= 0" : " integers >= 1") +
-                  " separated by commas");
+                  (count ? std::to_string(count) + " " : std::string()) +
+                  (allow_zero ? "integers >= 0" : "integers >= 1") + " separated by commas");
     }
     values.push_back(v);
     pos = comma + 1;
   }
-  if (values.size() != count) {
+  if (count == 0 && values.size() > 64) {
+    throw Error(std::string(flag) + ": " + std::to_string(values.size()) +
+                " values (expected at most 64)");
+  }
+  if (count != 0 && values.size() != count) {
     throw Error(std::string(flag) + ": '" + text + "' has " + std::to_string(values.size()) +
                 " values (expected " + std::to_string(count) + ")");
   }

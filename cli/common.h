@@ -12,7 +12,7 @@
 namespace qkv::cli {
 
 // Parses "a,b,c,d" into exactly `count` integers >= 1 (or >= 0 with
-// allow_zero); throws qkv::Error naming `flag`.
+// allow_zero; count 0: any number from 1 to 64); throws qkv::Error naming `flag`.
 std::vector<int64_t> ParseIntList(const std::string& text, size_t count, const char* flag,
                                   bool allow_zero);
 
