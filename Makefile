@@ -15,7 +15,7 @@ JOBS ?= $(shell nproc)
 # Debian packages the build and tests need (g++ 12, CMake and GoogleTest come
 # with the machine; checked anyway so a bare Debian 12 works too).
 PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libhwy-dev \
-  libopenblas-openmp-dev libutf8proc-dev python3-venv python3-dev python3-numpy python3-torch
+  libopenblas-openmp-dev libutf8proc-dev libpng-dev python3-venv python3-dev python3-numpy python3-torch
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps build models demo test test-asan test-hardening python python-test bench bench-deps fuzz fuzz-run fuzz-deps fuzz-build clean

@@ -40,6 +40,7 @@ Runner AddEmbedCommand(CLI::App& app);
 Runner AddTokenizeCommand(CLI::App& app);
 Runner AddPatternsCommand(CLI::App& app);
 Runner AddExplainCommand(CLI::App& app);
+Runner AddHeatmapCommand(CLI::App& app);
 
 // `qkv bench --decode`: one decode step over a filled contiguous cache.
 struct DecodeBenchArgs {
