@@ -140,10 +140,27 @@ int RunMha(const MhaFlags& f) {
                          .num_kv_heads = f.kv_heads,
                          .kdim = kdim,
                          .vdim = vdim};
+  std::optional<SafetensorsFile> file;
+  try {
+    file.emplace(SafetensorsFile::Read(f.weights));
+  } catch (const Error& e) {
+    throw Error("--weights: " + std::string(e.what()));
+  }
+  // A query of another embedding size than the weights is the query's
+  // mistake as often as the weights': name both, before the shape checks
+  // of the loader blame the weights alone.
+  for (const char* name : {"in_proj_weight", "q_proj_weight"}) {
+    const SafetensorsFile::Tensor* t = file->Find(f.prefix + name);
+    if (t != nullptr && t->shape.size() == 2 && t->shape[1] != embed_dim) {
+      throw Error("--query: " + f.query + " has embed_dim " + std::to_string(embed_dim) +
+                  ", but --weights " + f.weights + " has " + f.prefix + name + " of shape " +
+                  NpyShapeString(t->shape) + " (expected the query's last dim to be " +
+                  std::to_string(t->shape[1]) + ")");
+    }
+  }
   std::optional<MultiHeadAttention> mha;
   try {
-    mha.emplace(
-        MultiHeadAttention::FromSafetensors(SafetensorsFile::Read(f.weights), config, f.prefix));
+    mha.emplace(MultiHeadAttention::FromSafetensors(*file, config, f.prefix));
   } catch (const Error& e) {
     throw Error("--weights: " + std::string(e.what()));
   }

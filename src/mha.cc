@@ -225,6 +225,35 @@ MultiHeadAttention::MultiHeadAttention(const MhaConfig& config, const MhaWeights
   out_bias_ = w.out_bias;
 }
 
+namespace {
+
+// What a file holds instead, for the "missing" error: the names that end in
+// a projection weight's name (and the prefix that would find them), else
+// the first few names.
+std::string FoundNames(const SafetensorsFile& file, const std::string& prefix) {
+  std::string found;
+  for (const auto& t : file.tensors()) {
+    for (const std::string suffix : {"in_proj_weight", "q_proj_weight"}) {
+      if (t.name.size() > suffix.size() &&
+          t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+        found += (found.empty() ? "" : ", ") + t.name + " (prefix \"" +
+                 t.name.substr(0, t.name.size() - suffix.size()) + "\")";
+      }
+    }
+  }
+  if (!found.empty()) {
+    return "; the file has " + found + " with prefix \"" + prefix +
+           "\" given (qkv mha: --prefix)";
+  }
+  std::string names;
+  const auto& all = file.tensors();
+  for (size_t i = 0; i < all.size() && i < 5; ++i) names += (i ? ", " : "") + all[i].name;
+  if (all.size() > 5) names += ", ... (" + S(static_cast<int64_t>(all.size())) + " tensors)";
+  return "; the file has " + (names.empty() ? std::string("no tensors") : names);
+}
+
+}  // namespace
+
 MultiHeadAttention MultiHeadAttention::FromSafetensors(const SafetensorsFile& file,
                                                        const MhaConfig& config,
                                                        const std::string& prefix) {
@@ -264,7 +293,7 @@ MultiHeadAttention MultiHeadAttention::FromSafetensors(const SafetensorsFile& fi
     throw Error(packed + ": missing, and no " + q_name +
                 " either (expected torch.nn."
                 "MultiheadAttention state_dict names: in_proj_weight [3E,E], or q_proj_weight, "
-                "k_proj_weight, v_proj_weight)");
+                "k_proj_weight, v_proj_weight)" + FoundNames(file, prefix));
   }
   if (file.Find(prefix + "in_proj_bias") != nullptr) {
     const std::vector<float> b =

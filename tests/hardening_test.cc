@@ -464,6 +464,20 @@ TEST_F(HardeningTest, MessagesNameTheFlagTyped) {
   ExpectError({"mha", "--query", q_, "--weights", P("m.safetensors"), "--heads", "1", "--out",
                out_, "--threads", "5000"},
               {"--threads"}, {out_});
+  // A query of another embed_dim than the weights: the query is named too
+  // (issue 18, item 6), and a prefixed state_dict gets its prefix suggested.
+  const std::vector<float> in_proj(3 * 8 * 8, 0.0f), out_proj(8 * 8, 0.0f);
+  const SafetensorsEntry layer[] = {{"enc.0.attn.in_proj_weight", {24, 8}, in_proj},
+                                    {"enc.0.attn.out_proj.weight", {8, 8}, out_proj}};
+  WriteSafetensors(P("layer.safetensors"), layer);
+  WriteF32(P("q4.npy"), {1, 3, 4});
+  ExpectError({"mha", "--query", P("q4.npy"), "--weights", P("layer.safetensors"), "--heads", "1",
+               "--prefix", "enc.0.attn.", "--out", out_},
+              {"--query", "q4.npy", "embed_dim 4", "(24, 8)"}, {out_});
+  WriteF32(P("q8.npy"), {1, 3, 8});
+  ExpectError({"mha", "--query", P("q8.npy"), "--weights", P("layer.safetensors"), "--heads", "2",
+               "--out", out_},
+              {"--weights", "prefix \"enc.0.attn.\"", "--prefix"}, {out_});
   // A path with a newline: the whole message on one line, the newline escaped.
   const Result r = RunQkv({"attend", "--q", P("a\nb.npy"), "--k", k_, "--v", v_, "--out", out_}, dir_);
   EXPECT_EQ(r.status, 2) << Describe(r);

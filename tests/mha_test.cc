@@ -821,6 +821,16 @@ TEST(MhaTest, BadWeightShapesNameTheTensor) {
   EXPECT_NE(m.find("bias_k"), std::string::npos) << m;
   m = load_error({out_w}, std16);
   EXPECT_NE(m.find("in_proj_weight: missing, and no q_proj_weight"), std::string::npos) << m;
+  EXPECT_NE(m.find("the file has out_proj.weight"), std::string::npos) << m;
+  // Saved under a prefix (a whole model's state_dict): the prefix that
+  // would find them is named.
+  m = load_error({{"layers.0.self_attn.in_proj_weight", {48, 16}, data(768)},
+                  {"layers.0.self_attn.out_proj.weight", {16, 16}, data(256)}},
+                 std16);
+  EXPECT_NE(m.find("layers.0.self_attn.in_proj_weight (prefix \"layers.0.self_attn.\")"),
+            std::string::npos)
+      << m;
+  EXPECT_NE(m.find("--prefix"), std::string::npos) << m;
   // kdim = 10: torch saves q/k/v_proj_weight; a wrong k shape is named.
   const MhaConfig kdim10{.embed_dim = 16, .num_heads = 4, .kdim = 10};
   m = load_error({{"q_proj_weight", {16, 16}, data(256)},
