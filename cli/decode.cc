@@ -6,6 +6,8 @@
 // Bandwidth = K/V (and int8 scale) bytes the kernel read / time; decode is
 // bound by it (each cached byte is used for ~num_q_heads / num_kv_heads
 // multiply-adds).
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <chrono>
@@ -171,15 +173,30 @@ int RunDecode(const DecodeFlags& f) {
   if (f.prompt > 0) AppendRandom(cache, seq, f.prompt, f, rng);
   const std::vector<float> q = Random(f.heads * f.head_dim, rng);
   std::vector<float> out(q.size());
-  std::vector<double> times;
-  double bytes = 0.0;
+  // Every step is timed; the first (cold: page faults, thread start-up) is
+  // reported apart and left out of the statistics. Rates are per step
+  // (bytes read / time, the cache grows as it goes), their median reported.
+  std::vector<double> times, rates;
+  double first_step = 0.0;
   DecodeInfo info;
+  const bool progress = isatty(STDERR_FILENO) != 0;
+  double last_report = Now();
   for (int64_t t = 0; t < f.generate; ++t) {
     AppendRandom(cache, seq, 1, f, rng);  // the new token's K/V, then its query
     const double t0 = Now();
     info = Step(cache, seq, f, q, out);
-    times.push_back(Now() - t0);
-    bytes += static_cast<double>(info.kv_bytes_read);
+    const double dt = Now() - t0;
+    if (t == 0 && f.generate > 1) {
+      first_step = dt;
+    } else {
+      times.push_back(dt);
+      rates.push_back(static_cast<double>(info.kv_bytes_read) / std::max(dt, 1e-12));
+    }
+    if (progress && Now() - last_report > 2.0) {
+      std::fprintf(stderr, "decode: %lld/%lld tokens\n", static_cast<long long>(t + 1),
+                   static_cast<long long>(f.generate));
+      last_report = Now();
+    }
   }
   double total = 0.0;
   for (double t : times) total += t;
@@ -187,10 +204,17 @@ int RunDecode(const DecodeFlags& f) {
               "%lld tokens generated\n",
               f.cache.c_str(), f.cache_dtype.c_str(), (long long)f.heads, (long long)f.kv_heads,
               (long long)f.head_dim, (long long)f.prompt, (long long)f.generate);
-  std::printf("%.1f us per token (median %.1f us), %.2f GB/s of K/V read, %d threads, %s; "
+  char cold[96] = "";
+  if (f.generate > 1) {
+    std::snprintf(cold, sizeof cold, " (the first, cold step took %.1f us: left out)",
+                  first_step * 1e6);
+  }
+  std::printf("time per token: median %.1f us, mean %.1f us over %zu steps%s\n"
+              "K/V read: median %.2f GB/s (per step: bytes read / its time); %d threads, %s; "
               "cache %s, peak memory %s\n",
-              total / f.generate * 1e6, Median(times) * 1e6, bytes / total * 1e-9, info.threads,
-              info.simd_target.c_str(), HumanBytes(static_cast<double>(cache.BytesAllocated())).c_str(),
+              Median(times) * 1e6, total / static_cast<double>(times.size()) * 1e6, times.size(),
+              cold, Median(rates) * 1e-9, info.threads, info.simd_target.c_str(),
+              HumanBytes(static_cast<double>(cache.BytesAllocated())).c_str(),
               HumanBytes(static_cast<double>(PeakRssBytes())).c_str());
   std::printf("K/V path: %s\n", info.path.c_str());
   return 0;
