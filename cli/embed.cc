@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -100,6 +101,19 @@ int RunEmbed(const EmbedFlags& f) {
   const double load_s = std::chrono::duration<double>(loaded - start).count();
 
   const int64_t n = static_cast<int64_t>(texts.size());
+  {
+    // One batch's working memory (src/models/bert.cc): about 10 hidden-size
+    // rows and one intermediate row of floats per token, padded, and with
+    // --attn-weights every layer's [batch, heads, seq, seq].
+    const double batch = static_cast<double>(std::min(f.batch_size, std::max<int64_t>(n, 1)));
+    const double seq = static_cast<double>(model.max_seq_length());
+    const double per_token = 4.0 * (10.0 * c.hidden_size + c.intermediate_size);
+    const double weights_bytes =
+        f.attn_weights.empty() ? 0.0 : 4.0 * c.num_layers * batch * c.num_heads * seq * seq;
+    CheckFitsInMemory("--batch-size " + std::to_string(f.batch_size) + " (one batch of up to " +
+                          std::to_string(model.max_seq_length()) + " tokens per input)",
+                      batch * seq * per_token + weights_bytes);
+  }
   int64_t seq_max = 0;
   std::vector<std::vector<std::string>> pieces;
   if (!f.attn_weights.empty()) {
@@ -190,7 +204,7 @@ int RunEmbed(const EmbedFlags& f) {
   std::fprintf(stderr,
                "qkv embed: %lld lines in %.3f s (%.1f lines/s) after loading the model in %.3f s; "
                "tokenise %.3f s, dense %.3f s, attention %.3f s, other %.3f s\n",
-               static_cast<long long>(n), total, n / total, load_s, stats.tokenize_s, stats.dense_s,
+               static_cast<long long>(n), total, total > 0 ? n / total : 0.0, load_s, stats.tokenize_s, stats.dense_s,
                stats.attention_s, total - stats.tokenize_s - stats.dense_s - stats.attention_s);
   return 0;
 }

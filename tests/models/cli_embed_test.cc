@@ -169,6 +169,14 @@ TEST(CliEmbedTest, BadInputIsOneLineExitTwoAndNothingWritten) {
                    "--text #2: invalid UTF-8");
   ExpectUsageError(embed({"--model", kModel, "--text", "x", "--attn-weights", dir.File("in.txt")}),
                    "--attn-weights");
+  {
+    // A batch whose working memory cannot fit is refused before it is made.
+    std::ofstream many(dir.File("many.txt"));
+    for (int i = 0; i < 70000; ++i) many << "a\n";
+  }
+  ExpectUsageError(embed({"--model", kModel, "--input", dir.File("many.txt"), "--batch-size",
+                          "65536"}),
+                   "--batch-size 65536");
   EXPECT_FALSE(fs::exists(out));
 
   // A model folder with a broken tokenizer.json names that file.
