@@ -6,16 +6,15 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "common.h"
@@ -154,8 +153,7 @@ int RunEmbed(const EmbedFlags& f) {
         for (int64_t h = 0; h < heads; ++h)
           for (int64_t i = 0; i < s; ++i) {
             const float* src = w.weights + ((static_cast<int64_t>(r) * heads + h) * s + i) * s;
-            std::copy(src, src + s,
-                      layer + ((w.rows[r] * heads + h) * seq_max + i) * seq_max);
+            std::copy(src, src + s, layer + ((w.rows[r] * heads + h) * seq_max + i) * seq_max);
           }
       }
     };
@@ -186,8 +184,8 @@ int RunEmbed(const EmbedFlags& f) {
     if (mkdir(f.attn_weights.c_str(), 0777) == 0) {
       made_dir = true;
     } else if (errno != EEXIST) {
-      throw Error("--attn-weights: " + f.attn_weights + ": cannot create: " +
-                  std::strerror(errno) + " (expected a writable folder path)");
+      throw Error("--attn-weights: " + f.attn_weights + ": cannot create: " + std::strerror(errno) +
+                  " (expected a writable folder path)");
     }
   }
   try {
@@ -198,13 +196,16 @@ int RunEmbed(const EmbedFlags& f) {
   }
   const double total = std::chrono::duration<double>(Clock::now() - loaded).count();
   // What ran: the BLAS kernel (a slow one is named), GELU's erf, attention.
+  const std::string attention =
+      stats.attention_kernel.empty() ? "nothing (no inputs)" : stats.attention_kernel;
   std::fprintf(stderr, "qkv embed: dense layers on %s; GELU erf from %s; attention on %s\n",
                models::BlasDescription().c_str(), models::GeluErfImplementation(),
-               stats.attention_kernel.empty() ? "nothing (no inputs)" : stats.attention_kernel.c_str());
+               attention.c_str());
+  const double rate = total > 0 ? static_cast<double>(n) / total : 0.0;
   std::fprintf(stderr,
                "qkv embed: %lld lines in %.3f s (%.1f lines/s) after loading the model in %.3f s; "
                "tokenise %.3f s, dense %.3f s, attention %.3f s, other %.3f s\n",
-               static_cast<long long>(n), total, total > 0 ? n / total : 0.0, load_s, stats.tokenize_s, stats.dense_s,
+               static_cast<long long>(n), total, rate, load_s, stats.tokenize_s, stats.dense_s,
                stats.attention_s, total - stats.tokenize_s - stats.dense_s - stats.attention_s);
   return 0;
 }
@@ -243,8 +244,9 @@ Runner AddEmbedCommand(CLI::App& app) {
   EmbedFlags& f = *flags;
   CLI::App* cmd = app.add_subcommand(
       "embed", "Sentence embeddings from a BERT model folder (all-MiniLM-L6-v2; docs/models.md)");
-  cmd->add_option("--model", f.model, "Model folder: config.json, model.safetensors, "
-                                      "tokenizer.json (make models: models/all-MiniLM-L6-v2)")
+  cmd->add_option("--model", f.model,
+                  "Model folder: config.json, model.safetensors, "
+                  "tokenizer.json (make models: models/all-MiniLM-L6-v2)")
       ->required();
   cmd->add_option("--text", f.texts, "Text to embed (repeat for several)");
   cmd->add_option("--input", f.input, "Text file, one input per line (UTF-8)");

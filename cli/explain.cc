@@ -3,10 +3,9 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "common.h"
@@ -25,9 +24,13 @@ struct ExplainFlags {
 };
 
 nlohmann::json StatsJson(const inspect::SoftmaxStats& s) {
-  return {{"scale", s.scale}, {"mean_max_weight", s.mean_max_weight}, {"entropy", s.entropy},
-          {"one_hot_fraction", s.one_hot_fraction}, {"score_grad_norm", s.score_grad_norm},
-          {"query_grad_norm", s.query_grad_norm}, {"softmax_gain", s.softmax_gain}};
+  return {{"scale", s.scale},
+          {"mean_max_weight", s.mean_max_weight},
+          {"entropy", s.entropy},
+          {"one_hot_fraction", s.one_hot_fraction},
+          {"score_grad_norm", s.score_grad_norm},
+          {"query_grad_norm", s.query_grad_norm},
+          {"softmax_gain", s.softmax_gain}};
 }
 
 // Two panels over log2(d_k): the mean max weight, and the gradient norm at
@@ -62,13 +65,15 @@ std::string Svg(const std::vector<inspect::ScalingRow>& rows) {
                   l, top, w, h, l, top - 12, titles[panel]);
     svg += buf;
     for (const auto& r : rows) {
-      std::snprintf(buf, sizeof buf, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%lld</text>\n",
+      std::snprintf(buf, sizeof buf,
+                    "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%lld</text>\n",
                     px(panel, static_cast<double>(r.head_dim)), top + h + 16,
                     static_cast<long long>(r.head_dim));
       svg += buf;
     }
-    std::snprintf(buf, sizeof buf, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">d_k</text>\n",
-                  l + w / 2, top + h + 34);
+    std::snprintf(buf, sizeof buf,
+                  "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">d_k</text>\n", l + w / 2,
+                  top + h + 34);
     svg += buf;
     const std::string lo_label = panel == 0 ? "0" : "1e" + std::to_string(static_cast<int>(lo));
     const std::string hi_label = panel == 0 ? "1" : "1e" + std::to_string(static_cast<int>(hi));
@@ -81,8 +86,9 @@ std::string Svg(const std::vector<inspect::ScalingRow>& rows) {
       std::string points;
       for (const auto& r : rows) {
         const inspect::SoftmaxStats& s = scaled ? r.scaled : r.unscaled;
-        const double v = panel == 0 ? s.mean_max_weight
-                                    : (std::log10(std::max(s.score_grad_norm, 1e-12)) - lo) / (hi - lo);
+        const double v = panel == 0
+                             ? s.mean_max_weight
+                             : (std::log10(std::max(s.score_grad_norm, 1e-12)) - lo) / (hi - lo);
         std::snprintf(buf, sizeof buf, "%.1f,%.1f ", px(panel, static_cast<double>(r.head_dim)),
                       top + h - v * h);
         points += buf;
@@ -117,10 +123,15 @@ int RunScaling(const ExplainFlags& f) {
   if (f.json) {
     nlohmann::json list = nlohmann::json::array();
     for (const auto& r : rows) {
-      list.push_back({{"d_k", r.head_dim}, {"keys", r.keys}, {"samples", r.samples},
-                      {"mean", r.dot_mean}, {"variance", r.dot_variance},
-                      {"variance_theory", r.head_dim}, {"variance_stderr", r.dot_variance_stderr},
-                      {"log_keys", r.log_keys}, {"scaled", StatsJson(r.scaled)},
+      list.push_back({{"d_k", r.head_dim},
+                      {"keys", r.keys},
+                      {"samples", r.samples},
+                      {"mean", r.dot_mean},
+                      {"variance", r.dot_variance},
+                      {"variance_theory", r.head_dim},
+                      {"variance_stderr", r.dot_variance_stderr},
+                      {"log_keys", r.log_keys},
+                      {"scaled", StatsJson(r.scaled)},
                       {"unscaled", StatsJson(r.unscaled)}});
     }
     text = list.dump(1) + "\n";
@@ -133,8 +144,12 @@ int RunScaling(const ExplainFlags& f) {
                   static_cast<long long>(o.samples * o.keys * o.keys),
                   static_cast<unsigned long long>(o.seed));
     text += line;
-    text += "                 q.k                   | softmax(q.k / sqrt(d_k))           | softmax(q.k), unscaled\n";
-    text += "  d_k    mean  variance (theory, se)  | max w entropy 1-hot  |dS|   gain   | max w entropy 1-hot  |dS|   gain\n";
+    text +=
+        "                 q.k                   | softmax(q.k / sqrt(d_k))           | "
+        "softmax(q.k), unscaled\n";
+    text +=
+        "  d_k    mean  variance (theory, se)  | max w entropy 1-hot  |dS|   gain   | max w "
+        "entropy 1-hot  |dS|   gain\n";
     for (const auto& r : rows) {
       std::snprintf(line, sizeof line,
                     "%5lld %7.3f %9.2f (%5lld, %6.2f) | %5.3f %6.3f %5.2f %6.2f %8.2e | %5.3f "
@@ -147,13 +162,14 @@ int RunScaling(const ExplainFlags& f) {
                     r.unscaled.softmax_gain);
       text += line;
     }
-    std::snprintf(line, sizeof line,
-                  "\nentropy of a uniform row: ln(%lld) = %.3f. 1-hot: rows whose largest weight "
-                  "is > 0.99. |dS|: mean per-row norm\nof the gradient reaching the scores (qkv's "
-                  "backward); gain: median over rows of |dS| / |dL/dweights|, what\nthe softmax passes on. "
-                  "Without the scale the scores' spread grows like sqrt(d_k), rows turn one-hot and "
-                  "the\ngain, and with it the gradient reaching Q and K, goes to 0.\n",
-                  static_cast<long long>(o.keys), std::log(static_cast<double>(o.keys)));
+    std::snprintf(
+        line, sizeof line,
+        "\nentropy of a uniform row: ln(%lld) = %.3f. 1-hot: rows whose largest weight "
+        "is > 0.99. |dS|: mean per-row norm\nof the gradient reaching the scores (qkv's "
+        "backward); gain: median over rows of |dS| / |dL/dweights|, what\nthe softmax passes on. "
+        "Without the scale the scores' spread grows like sqrt(d_k), rows turn one-hot and "
+        "the\ngain, and with it the gradient reaching Q and K, goes to 0.\n",
+        static_cast<long long>(o.keys), std::log(static_cast<double>(o.keys)));
     text += line;
   }
   if (!f.svg.empty()) {
@@ -173,8 +189,9 @@ Runner AddExplainCommand(CLI::App& app) {
   CLI::App* explain = app.add_subcommand("explain", "Measured explanations of attention");
   explain->require_subcommand(1);
   CLI::App* cmd = explain->add_subcommand(
-      "scaling", "Why scores are divided by sqrt(d_k): q.k variance, softmax saturation and "
-                 "vanishing gradients, with and without the scale, on random inputs");
+      "scaling",
+      "Why scores are divided by sqrt(d_k): q.k variance, softmax saturation and "
+      "vanishing gradients, with and without the scale, on random inputs");
   cmd->add_option("--dims", f.dims, "Head dims d_k to measure, comma-separated")
       ->capture_default_str();
   cmd->add_option("--keys", f.keys, "Keys (= queries) per sample")->capture_default_str();

@@ -6,10 +6,9 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "common.h"
@@ -50,7 +49,8 @@ std::vector<std::string> ReadTokens(const std::string& path, int64_t batch) {
   }
   std::vector<std::string> tokens;
   if (!j.is_array()) {
-    throw Error("--tokens: " + path + " is not a JSON list (expected token strings, or one list "
+    throw Error("--tokens: " + path +
+                " is not a JSON list (expected token strings, or one list "
                 "of them per input as qkv embed writes)");
   }
   for (const auto& t : j) {

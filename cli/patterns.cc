@@ -1,15 +1,15 @@
 // qkv patterns: what each head of a model looks at, from the folder
 // `qkv embed --attn-weights` writes (docs/inspect.md).
+#include "qkv/inspect/patterns.h"
+
 #include <cstdio>
 #include <memory>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "commands.h"
 #include "common.h"
 #include "qkv/error.h"
-#include "qkv/inspect/patterns.h"
 
 namespace qkv::cli {
 namespace {
@@ -43,11 +43,20 @@ int RunPatterns(const PatternsFlags& f) {
   if (f.json) {
     nlohmann::json list = nlohmann::json::array();
     for (const inspect::HeadPattern& p : heads) {
-      list.push_back({{"layer", p.layer}, {"head", p.head}, {"label", p.label}, {"rows", p.rows},
-                      {"self", p.self}, {"previous", p.previous}, {"next", p.next},
-                      {"first", p.first}, {"last", p.last}, {"punct", p.punct},
-                      {"local", p.local}, {"entropy", p.entropy},
-                      {"normalized_entropy", p.normalized_entropy}, {"sparse", p.sparse}});
+      list.push_back({{"layer", p.layer},
+                      {"head", p.head},
+                      {"label", p.label},
+                      {"rows", p.rows},
+                      {"self", p.self},
+                      {"previous", p.previous},
+                      {"next", p.next},
+                      {"first", p.first},
+                      {"last", p.last},
+                      {"punct", p.punct},
+                      {"local", p.local},
+                      {"entropy", p.entropy},
+                      {"normalized_entropy", p.normalized_entropy},
+                      {"sparse", p.sparse}});
     }
     text = list.dump(1) + "\n";
   } else {
@@ -58,13 +67,15 @@ int RunPatterns(const PatternsFlags& f) {
                   static_cast<long long>(dump.num_inputs),
                   static_cast<long long>(heads.empty() ? 0 : heads[0].rows));
     text += line;
-    text += "layer head label         self  prev  next first  last punct local entropy norm  sparse\n";
+    text +=
+        "layer head label         self  prev  next first  last punct local entropy norm  sparse\n";
     for (const inspect::HeadPattern& p : heads) {
-      std::snprintf(line, sizeof line,
-                    "%5lld %4lld %-12s %5.2f %5.2f %5.2f %5.2f %5.2f %5.2f %5.2f %7.2f %5.2f %6.2f\n",
-                    static_cast<long long>(p.layer), static_cast<long long>(p.head),
-                    p.label.c_str(), p.self, p.previous, p.next, p.first, p.last, p.punct, p.local,
-                    p.entropy, p.normalized_entropy, p.sparse);
+      std::snprintf(
+          line, sizeof line,
+          "%5lld %4lld %-12s %5.2f %5.2f %5.2f %5.2f %5.2f %5.2f %5.2f %7.2f %5.2f %6.2f\n",
+          static_cast<long long>(p.layer), static_cast<long long>(p.head), p.label.c_str(), p.self,
+          p.previous, p.next, p.first, p.last, p.punct, p.local, p.entropy, p.normalized_entropy,
+          p.sparse);
       text += line;
     }
     text += "\nlayer x head:\n      ";
@@ -91,9 +102,10 @@ int RunPatterns(const PatternsFlags& f) {
 Runner AddPatternsCommand(CLI::App& app) {
   auto flags = std::make_shared<PatternsFlags>();
   PatternsFlags& f = *flags;
-  CLI::App* cmd = app.add_subcommand(
-      "patterns", "What each attention head looks at (Clark et al. 2019), from `qkv embed "
-                  "--attn-weights` output; labels and metrics in docs/inspect.md");
+  CLI::App* cmd =
+      app.add_subcommand("patterns",
+                         "What each attention head looks at (Clark et al. 2019), from `qkv embed "
+                         "--attn-weights` output; labels and metrics in docs/inspect.md");
   cmd->add_option("--attn-dir", f.attn_dir,
                   "Folder with layer{L}.npy [inputs, heads, seq, seq] and tokens.json")
       ->required();

@@ -18,17 +18,25 @@ namespace qkv::inspect {
 namespace {
 
 // matplotlib's viridis at 0, 0.25, 0.5, 0.75 and 1.
-constexpr std::array<std::array<double, 3>, 5> kAnchors = {{
-    {68, 1, 84}, {59, 82, 139}, {33, 145, 140}, {94, 201, 98}, {253, 231, 37}}};
+constexpr std::array<std::array<double, 3>, 5> kAnchors = {
+    {{68, 1, 84}, {59, 82, 139}, {33, 145, 140}, {94, 201, 98}, {253, 231, 37}}};
 
 std::string Escape(const std::string& text) {
   std::string out;
   for (const char c : text) {
     switch (c) {
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '&': out += "&amp;"; break;
-      case '"': out += "&quot;"; break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '&':
+        out += "&amp;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
       default:
         if (static_cast<unsigned char>(c) < 0x20) {
           out += ' ';
@@ -68,7 +76,8 @@ std::array<uint8_t, 3> WeightColour(float w) {
   const double t = x - i;
   std::array<uint8_t, 3> c{};
   for (int k = 0; k < 3; ++k) {
-    c[k] = static_cast<uint8_t>(std::lround(kAnchors[i][k] + t * (kAnchors[i + 1][k] - kAnchors[i][k])));
+    c[k] = static_cast<uint8_t>(
+        std::lround(kAnchors[i][k] + t * (kAnchors[i + 1][k] - kAnchors[i][k])));
   }
   return c;
 }
@@ -78,7 +87,8 @@ PngLayout LayoutPng(const Heatmap& m) {
   const int64_t n = static_cast<int64_t>(m.weights.size()), side = std::max(m.rows, m.cols);
   l.cell = std::clamp<int64_t>(256 / std::max<int64_t>(side, 1), 2, 24);
   l.gap = 8;
-  l.grid_cols = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(n)))));
+  l.grid_cols =
+      std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(n)))));
   l.grid_rows = (n + l.grid_cols - 1) / l.grid_cols;
   l.width = l.gap + l.grid_cols * (m.cols * l.cell + l.gap);
   l.bar_height = 12;
@@ -126,10 +136,12 @@ std::vector<unsigned char> RenderPng(const Heatmap& m) {
 }
 
 std::string RenderSvg(const Heatmap& m) {
-  const int64_t cell = std::clamp<int64_t>(480 / std::max<int64_t>(std::max(m.rows, m.cols), 1), 6, 28);
+  const int64_t cell =
+      std::clamp<int64_t>(480 / std::max<int64_t>(std::max(m.rows, m.cols), 1), 6, 28);
   const int64_t label = 90, gap = 30, title = 18;
   const int64_t n = static_cast<int64_t>(m.weights.size());
-  const int64_t grid_cols = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(n)))));
+  const int64_t grid_cols =
+      std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(n)))));
   const int64_t grid_rows = (n + grid_cols - 1) / grid_cols;
   const int64_t map_w = label + m.cols * cell + gap, map_h = title + label + m.rows * cell + gap;
   const int64_t width = grid_cols * map_w + gap, height = grid_rows * map_h + 60;
@@ -145,7 +157,9 @@ std::string RenderSvg(const Heatmap& m) {
   for (int64_t h = 0; h < n; ++h) {
     const int64_t ox = gap + h % grid_cols * map_w, oy = h / grid_cols * map_h;
     const int64_t x0 = ox + label, y0 = oy + title + label;
-    std::snprintf(buf, sizeof buf, "<g class=\"head\" data-head=\"%lld\">\n<text x=\"%lld\" y=\"%lld\" font-size=\"13\">head %lld</text>\n",
+    std::snprintf(buf, sizeof buf,
+                  "<g class=\"head\" data-head=\"%lld\">\n<text x=\"%lld\" y=\"%lld\" "
+                  "font-size=\"13\">head %lld</text>\n",
                   static_cast<long long>(m.heads[h]), static_cast<long long>(x0),
                   static_cast<long long>(oy + 14), static_cast<long long>(m.heads[h]));
     s += buf;
@@ -168,7 +182,8 @@ std::string RenderSvg(const Heatmap& m) {
                       "<rect class=\"cell\" x=\"%lld\" y=\"%lld\" width=\"%lld\" height=\"%lld\" "
                       "fill=\"#%02x%02x%02x\"><title>%.4f</title></rect>\n",
                       static_cast<long long>(x0 + j * cell), static_cast<long long>(y0 + i * cell),
-                      static_cast<long long>(cell), static_cast<long long>(cell), c[0], c[1], c[2], w);
+                      static_cast<long long>(cell), static_cast<long long>(cell), c[0], c[1], c[2],
+                      w);
         s += buf;
       }
     }
@@ -215,7 +230,8 @@ std::string RenderTerminal(const Heatmap& m) {
       }
       s += "\x1b[0m";
       const std::string a = TerminalSafe(Label(m.row_labels, i));
-      s += " " + a + (i + 1 < m.rows ? " / " + TerminalSafe(Label(m.row_labels, i + 1)) : "") + "\n";
+      s +=
+          " " + a + (i + 1 < m.rows ? " / " + TerminalSafe(Label(m.row_labels, i + 1)) : "") + "\n";
     }
   }
   s += "scale: ";

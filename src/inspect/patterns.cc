@@ -12,9 +12,8 @@
 #include <array>
 #include <cmath>
 #include <functional>
-#include <string_view>
-
 #include <nlohmann/json.hpp>
+#include <string_view>
 
 #include "io/file_util.h"
 #include "qkv/error.h"
@@ -48,8 +47,12 @@ bool IsPunctuationToken(const std::string& token) {
     const utf8proc_ssize_t n = utf8proc_iterate(p, left, &c);
     if (n <= 0) return false;
     switch (utf8proc_category(c)) {
-      case UTF8PROC_CATEGORY_PC: case UTF8PROC_CATEGORY_PD: case UTF8PROC_CATEGORY_PS:
-      case UTF8PROC_CATEGORY_PE: case UTF8PROC_CATEGORY_PI: case UTF8PROC_CATEGORY_PF:
+      case UTF8PROC_CATEGORY_PC:
+      case UTF8PROC_CATEGORY_PD:
+      case UTF8PROC_CATEGORY_PS:
+      case UTF8PROC_CATEGORY_PE:
+      case UTF8PROC_CATEGORY_PI:
+      case UTF8PROC_CATEGORY_PF:
       case UTF8PROC_CATEGORY_PO:
         break;
       default:
@@ -183,11 +186,14 @@ std::vector<HeadPattern> ClassifyHeads(const AttentionDump& d) {
             }
           }
           p.entropy += entropy;
-          if (len >= 2) p.normalized_entropy += entropy / std::log(static_cast<double>(len)), ++entropy_rows;
+          if (len >= 2)
+            p.normalized_entropy += entropy / std::log(static_cast<double>(len)), ++entropy_rows;
           if (top[0] + top[1] + top[2] >= 0.9) p.sparse += 1;
         }
       }
-      const auto mean = [](double sum, int64_t n) { return n > 0 ? sum / static_cast<double>(n) : 0.0; };
+      const auto mean = [](double sum, int64_t n) {
+        return n > 0 ? sum / static_cast<double>(n) : 0.0;
+      };
       p.previous = mean(p.previous, prev_rows);
       p.next = mean(p.next, next_rows);
       p.normalized_entropy = mean(p.normalized_entropy, entropy_rows);
@@ -195,15 +201,15 @@ std::vector<HeadPattern> ClassifyHeads(const AttentionDump& d) {
         *m = mean(*m, p.rows);
       }
       const std::pair<const char*, double> positional[] = {
-          {"diagonal", p.self}, {"previous", p.previous}, {"next", p.next},
+          {"diagonal", p.self},      {"previous", p.previous}, {"next", p.next},
           {"column:[CLS]", p.first}, {"column:[SEP]", p.last}, {"column:punct", p.punct}};
       const auto* best = &positional[0];
       for (const auto& c : positional) {
         if (c.second > best->second) best = &c;
       }
-      p.label = best->second >= kPositionalThreshold    ? best->first
-                : p.local >= kLocalThreshold            ? "local block"
-                : p.sparse >= kSparseThreshold          ? "sparse"
+      p.label = best->second >= kPositionalThreshold      ? best->first
+                : p.local >= kLocalThreshold              ? "local block"
+                : p.sparse >= kSparseThreshold            ? "sparse"
                 : p.normalized_entropy >= kBroadThreshold ? "broad"
                                                           : "mixed";
       out.push_back(std::move(p));

@@ -77,7 +77,8 @@ SoftmaxStats MeasureSoftmax(const TensorView& q, const TensorView& k, const Tens
     const size_t sample = r / static_cast<size_t>(keys);
     double dp2 = 0;
     for (int64_t j = 0; j < keys; ++j) {
-      const float* vj = v_data + (sample * static_cast<size_t>(keys) + static_cast<size_t>(j)) * static_cast<size_t>(d);
+      const float* vj = v_data + (sample * static_cast<size_t>(keys) + static_cast<size_t>(j)) *
+                                     static_cast<size_t>(d);
       const float* di = dout_data + r * static_cast<size_t>(d);
       double x = 0;
       for (int64_t e = 0; e < d; ++e) x += static_cast<double>(di[e]) * vj[e];
@@ -158,8 +159,8 @@ std::vector<ScalingRow> ExplainScaling(const ScalingOptions& o) {
     const auto view = [&](const std::vector<float>& x) {
       return TensorView::Contiguous(x.data(), DType::kFloat32, shape);
     };
-    row.scaled = MeasureSoftmax(view(q), view(k), view(v), view(dout), 1.0 / std::sqrt(dd),
-                                o.num_threads);
+    row.scaled =
+        MeasureSoftmax(view(q), view(k), view(v), view(dout), 1.0 / std::sqrt(dd), o.num_threads);
     row.unscaled = MeasureSoftmax(view(q), view(k), view(v), view(dout), 1.0, o.num_threads);
     rows.push_back(row);
   }

@@ -17,9 +17,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <numeric>
-
 #include <nlohmann/json.hpp>
+#include <numeric>
 
 #include "io/file_util.h"
 #include "qkv/attention.h"
@@ -116,7 +115,8 @@ BertConfig ParseConfig(const std::string& path) {
   const auto eps = j.find("layer_norm_eps");
   if (eps != j.end()) {
     if (!eps->is_number() || !(eps->get<double>() > 0) || eps->get<double>() > 1) {
-      throw Error(path + ": \"layer_norm_eps\" is " + eps->dump() + " (expected a number in (0, 1])");
+      throw Error(path + ": \"layer_norm_eps\" is " + eps->dump() +
+                  " (expected a number in (0, 1])");
     }
     c.layer_norm_eps = eps->get<float>();
   }
@@ -134,7 +134,8 @@ int64_t MaxSeqLength(const std::string& dir, int64_t max_positions) {
 
 ModelTokenizer LoadBertTokenizer(const std::string& dir) {
   const BertConfig c = ParseConfig(dir + "/config.json");
-  return {WordPieceTokenizer::FromFile(dir + "/tokenizer.json"), MaxSeqLength(dir, c.max_positions)};
+  return {WordPieceTokenizer::FromFile(dir + "/tokenizer.json"),
+          MaxSeqLength(dir, c.max_positions)};
 }
 
 BertEncoder BertEncoder::Load(const std::string& dir) {
@@ -169,7 +170,8 @@ BertEncoder BertEncoder::Load(const std::string& dir) {
       throw Error(modules + ": not a JSON list (expected sentence-transformers' modules)");
     }
     for (const auto& module : j) {
-      if (module.is_object() && module.value("type", "") == "sentence_transformers.models.Normalize")
+      if (module.is_object() &&
+          module.value("type", "") == "sentence_transformers.models.Normalize")
         m.normalize_ = true;
     }
   }
@@ -218,8 +220,7 @@ Encoding BertEncoder::Tokenize(std::string_view text) const {
 
 std::vector<float> BertEncoder::Forward(std::span<const int32_t> ids, int64_t batch, int64_t seq,
                                         std::span<const int64_t> lengths, int num_threads,
-                                        std::vector<float>* weights_out,
-                                        EmbedStats* stats) const {
+                                        std::vector<float>* weights_out, EmbedStats* stats) const {
   const BertConfig& c = config_;
   const int64_t h = c.hidden_size, heads = c.num_heads, hd = c.head_dim();
   if (batch < 0 || seq < 1 || seq > c.max_positions ||
@@ -237,8 +238,8 @@ std::vector<float> BertEncoder::Forward(std::span<const int32_t> ids, int64_t ba
   }
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= c.vocab_size) {
-      throw Error("BertEncoder::Forward: ids[" + S(static_cast<int64_t>(i)) + "] is " +
-                  S(ids[i]) + " (expected a token id in [0, " + S(c.vocab_size) + "))");
+      throw Error("BertEncoder::Forward: ids[" + S(static_cast<int64_t>(i)) + "] is " + S(ids[i]) +
+                  " (expected a token id in [0, " + S(c.vocab_size) + "))");
     }
   }
   const int threads = internal::ResolveThreads(num_threads);
@@ -263,8 +264,8 @@ std::vector<float> BertEncoder::Forward(std::span<const int32_t> ids, int64_t ba
       for (int64_t f = 0; f < h; ++f) row[f] = word[f] + pos[f] + token_type_[f];
     }
   }
-  AddLayerNorm(x.data(), nullptr, tokens, h, emb_ln_g_.data(), emb_ln_b_.data(),
-               c.layer_norm_eps, threads);
+  AddLayerNorm(x.data(), nullptr, tokens, h, emb_ln_g_.data(), emb_ln_b_.data(), c.layer_norm_eps,
+               threads);
 
   std::vector<float> qkv(static_cast<size_t>(tokens * 3 * h)), ctx(x.size());
   std::vector<float> ffn(static_cast<size_t>(tokens * c.intermediate_size));
@@ -344,8 +345,7 @@ std::vector<float> BertEncoder::Forward(std::span<const int32_t> ids, int64_t ba
       const int64_t len = lengths[lb % batch];
       float* w = weights_out->data() + lb * heads * seq * seq;
       for (int64_t hh = 0; hh < heads; ++hh)
-        for (int64_t i = len; i < seq; ++i)
-          std::fill_n(w + (hh * seq + i) * seq, seq, 0.0f);
+        for (int64_t i = len; i < seq; ++i) std::fill_n(w + (hh * seq + i) * seq, seq, 0.0f);
     }
   }
   // Back to the padded [batch, seq, hidden] layout; padded rows are 0.

@@ -88,7 +88,7 @@ void Linear(const float* x, int64_t rows, int64_t in, const float* w, const floa
   CheckBlasCore();
   const int threads = internal::ResolveThreads(num_threads);
   const int64_t blocks = (rows + kLinearRowBlock - 1) / kLinearRowBlock;
-#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, blocks)))
+#pragma omp parallel num_threads(static_cast <int>(std::min <int64_t>(threads, blocks)))
   {
     // OpenBLAS's OpenMP build sizes its own team by omp_get_max_threads():
     // 1 in this task (and only in it), so every call is serial, also when
@@ -108,8 +108,7 @@ void Linear(const float* x, int64_t rows, int64_t in, const float* w, const floa
       if (in == 0) continue;
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
                   static_cast<int>(out), static_cast<int>(in), 1.0f, x + m0 * in,
-                  static_cast<int>(in), w, static_cast<int>(in), beta, yb,
-                  static_cast<int>(out));
+                  static_cast<int>(in), w, static_cast<int>(in), beta, yb, static_cast<int>(out));
     }
   }
 }
@@ -204,7 +203,8 @@ void GeluErf(float* x, int64_t count, int num_threads) {
 const char* GeluErfImplementation() {
 #ifdef QKV_LIBMVEC
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-             ? "glibc libmvec erff, AVX2" : "glibc libmvec erff, SSE";
+             ? "glibc libmvec erff, AVX2"
+             : "glibc libmvec erff, SSE";
 #else
   return "std::erf, scalar";
 #endif
@@ -213,8 +213,9 @@ const char* GeluErfImplementation() {
 std::string BlasDescription() {
   CheckBlasCore();
   std::string s = openblas_get_config();
-  s += openblas_get_parallel() == 2 ? " (OpenMP)" : openblas_get_parallel() == 1 ? " (pthreads)"
-                                                                                  : " (serial)";
+  s += openblas_get_parallel() == 2   ? " (OpenMP)"
+       : openblas_get_parallel() == 1 ? " (pthreads)"
+                                      : " (serial)";
   s += ", core ";
   s += openblas_get_corename();
   return s + g_blas_note;

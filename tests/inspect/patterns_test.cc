@@ -13,10 +13,9 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "cli_test_util.h"
 #include "file_test_util.h"
@@ -55,10 +54,12 @@ TEST(PatternsTest, MetricsAndLabelsMatchNumPy) {
     // Both sum float32 weights in double, in other orders: 1e-12 is
     // thousands of double roundings of values <= ln(9).
     const std::map<std::string, double> metrics = {
-        {"self", p.self}, {"previous", p.previous}, {"next", p.next}, {"first", p.first},
-        {"last", p.last}, {"punct", p.punct}, {"local", p.local}, {"entropy", p.entropy},
-        {"normalized_entropy", p.normalized_entropy}, {"sparse", p.sparse}};
-    for (const auto& [name, value] : metrics) EXPECT_NEAR(value, w[name].get<double>(), 1e-12) << name;
+        {"self", p.self},    {"previous", p.previous}, {"next", p.next},
+        {"first", p.first},  {"last", p.last},         {"punct", p.punct},
+        {"local", p.local},  {"entropy", p.entropy},   {"normalized_entropy", p.normalized_entropy},
+        {"sparse", p.sparse}};
+    for (const auto& [name, value] : metrics)
+      EXPECT_NEAR(value, w[name].get<double>(), 1e-12) << name;
   }
   EXPECT_EQ(got[0].label, "diagonal");
   EXPECT_EQ(got[1].label, "previous");
@@ -95,9 +96,10 @@ std::vector<HeadPattern> MiniLmPatterns(const models::BertEncoder& model,
     for (size_t r = 0; r < w.rows.size(); ++r)
       for (int64_t h = 0; h < dump.num_heads; ++h)
         for (int64_t i = 0; i < w.seq; ++i)
-          std::copy_n(w.weights + ((static_cast<int64_t>(r) * dump.num_heads + h) * w.seq + i) * w.seq,
-                      w.seq,
-                      dump.layers[w.layer].data() + w.rows[r] * plane + (h * dump.seq + i) * dump.seq);
+          std::copy_n(
+              w.weights + ((static_cast<int64_t>(r) * dump.num_heads + h) * w.seq + i) * w.seq,
+              w.seq,
+              dump.layers[w.layer].data() + w.rows[r] * plane + (h * dump.seq + i) * dump.seq);
   };
   model.Embed(texts, options);
   ValidateAttentionDump(dump, "MiniLM");
@@ -123,7 +125,8 @@ TEST(PatternsTest, MiniLmLabelsAreStableAcrossDisjointSentenceSets) {
     FAIL() << kMiniLm << " is missing: run `make models`";
   }
   const models::BertEncoder model = models::BertEncoder::Load(kMiniLm);
-  const std::vector<std::string> all = ReadJsonFile(std::string(QKV_TESTDATA_DIR) + "/minilm/sentences.json");
+  const std::vector<std::string> all =
+      ReadJsonFile(std::string(QKV_TESTDATA_DIR) + "/minilm/sentences.json");
   std::vector<std::string> a, b;
   for (size_t i = 0; i < all.size(); ++i) {
     if (all[i].empty() || all[i].size() > 400) continue;  // the empty and the 300-word one
@@ -168,7 +171,8 @@ TEST(PatternsTest, BadFoldersAreOneLineErrors) {
 
 TEST(PatternsTest, CliPrintsJsonAndATableAndRefusesBadFolders) {
   TempDir dir("patterns_cli_");
-  const test::CliResult json = test::RunCli({"patterns", "--attn-dir", kFixtures, "--json"}, dir.File(""));
+  const test::CliResult json =
+      test::RunCli({"patterns", "--attn-dir", kFixtures, "--json"}, dir.File(""));
   ASSERT_TRUE(json.exited && json.status == 0) << test::Describe(json);
   const nlohmann::json list = nlohmann::json::parse(json.out);
   const nlohmann::json want = ReadJsonFile(kFixtures + "/expected.json");
@@ -181,7 +185,8 @@ TEST(PatternsTest, CliPrintsJsonAndATableAndRefusesBadFolders) {
   ASSERT_TRUE(table.exited && table.status == 0) << test::Describe(table);
   EXPECT_NE(table.out.find("column:[CLS]"), std::string::npos) << table.out;
   EXPECT_NE(table.out.find("layer x head"), std::string::npos) << table.out;
-  const test::CliResult bad = test::RunCli({"patterns", "--attn-dir", dir.File("nope")}, dir.File(""));
+  const test::CliResult bad =
+      test::RunCli({"patterns", "--attn-dir", dir.File("nope")}, dir.File(""));
   EXPECT_TRUE(bad.exited && bad.status == 2) << test::Describe(bad);
   EXPECT_EQ(std::count(bad.err.begin(), bad.err.end(), '\n'), 1) << bad.err;
   EXPECT_NE(bad.err.find("--attn-dir"), std::string::npos) << bad.err;

@@ -12,10 +12,9 @@
 
 #include <cmath>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "cli_test_util.h"
 #include "file_test_util.h"
@@ -51,7 +50,8 @@ TEST(ScalingTest, MeasureSoftmaxMatchesFloat64Jacobian) {
         for (int64_t j = 0; j < n; ++j) {
           double a = 0;
           for (int64_t e = 0; e < d; ++e) {
-            a += std::abs(q.data<float>()[(s * n + i) * d + e] * k.data<float>()[(s * n + j) * d + e]);
+            a += std::abs(q.data<float>()[(s * n + i) * d + e] *
+                          k.data<float>()[(s * n + j) * d + e]);
           }
           worst = std::max(worst, a);
         }
@@ -68,7 +68,7 @@ TEST(ScalingTest, MeasureSoftmaxMatchesFloat64Jacobian) {
     const double grad_rel = 4 * rel + 4 * (n + d) * u;
     for (const char* name : {"score_grad_norm", "query_grad_norm", "softmax_gain"}) {
       const double w = want[name].get<double>();
-      const double g = std::string(name) == "score_grad_norm" ? got.score_grad_norm
+      const double g = std::string(name) == "score_grad_norm"   ? got.score_grad_norm
                        : std::string(name) == "query_grad_norm" ? got.query_grad_norm
                                                                 : got.softmax_gain;
       EXPECT_NEAR(g, w, grad_rel * w) << name;
@@ -136,19 +136,23 @@ TEST(ScalingTest, CommandPrintsJsonWritesSvgAndRefusesBadFlags) {
   const std::string svg = test::ReadFile(dir.File("s.svg"));
   EXPECT_EQ(svg.rfind("<svg", 0), 0u) << svg.substr(0, 80);
   size_t polylines = 0;
-  for (size_t at = svg.find("<polyline"); at != std::string::npos; at = svg.find("<polyline", at + 1)) {
+  for (size_t at = svg.find("<polyline"); at != std::string::npos;
+       at = svg.find("<polyline", at + 1)) {
     ++polylines;
   }
   EXPECT_EQ(polylines, 4u);  // two panels x (scaled, unscaled)
 
-  const test::CliResult table = test::RunCli({"explain", "scaling", "--dims", "16", "--keys", "8"},
-                                             dir.File(""));
+  const test::CliResult table =
+      test::RunCli({"explain", "scaling", "--dims", "16", "--keys", "8"}, dir.File(""));
   ASSERT_TRUE(table.exited && table.status == 0) << test::Describe(table);
   EXPECT_NE(table.out.find("softmax(q.k / sqrt(d_k))"), std::string::npos) << table.out;
 
-  for (const std::vector<std::string>& bad :
-       {std::vector<std::string>{"--dims", "0"}, {"--dims", "4,x"}, {"--keys", "1"},
-        {"--samples", "0"}, {"--keys", "4096", "--samples", "8"}, {"--threads", "-2"}}) {
+  for (const std::vector<std::string>& bad : {std::vector<std::string>{"--dims", "0"},
+                                              {"--dims", "4,x"},
+                                              {"--keys", "1"},
+                                              {"--samples", "0"},
+                                              {"--keys", "4096", "--samples", "8"},
+                                              {"--threads", "-2"}}) {
     std::vector<std::string> args = {"explain", "scaling"};
     args.insert(args.end(), bad.begin(), bad.end());
     const test::CliResult e = test::RunCli(args, dir.File(""));

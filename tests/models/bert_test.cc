@@ -16,11 +16,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "file_test_util.h"
 #include "qkv/error.h"
@@ -82,11 +81,16 @@ Tiny WriteTiny(const std::string& dir, const std::function<void(nlohmann::json&)
   Tiny t;
   t.vocab = ReadJsonFile(kMiniLm + "/tokenizer.json")["model"]["vocab"].size();
   fs::copy_file(kMiniLm + "/tokenizer.json", dir + "/tokenizer.json");
-  nlohmann::json config = {{"model_type", "bert"}, {"hidden_act", "gelu"},
-                           {"hidden_size", t.hidden}, {"num_attention_heads", t.heads},
-                           {"intermediate_size", t.inter}, {"num_hidden_layers", t.layers},
-                           {"max_position_embeddings", t.positions}, {"type_vocab_size", 2},
-                           {"vocab_size", t.vocab}, {"layer_norm_eps", 1e-12},
+  nlohmann::json config = {{"model_type", "bert"},
+                           {"hidden_act", "gelu"},
+                           {"hidden_size", t.hidden},
+                           {"num_attention_heads", t.heads},
+                           {"intermediate_size", t.inter},
+                           {"num_hidden_layers", t.layers},
+                           {"max_position_embeddings", t.positions},
+                           {"type_vocab_size", 2},
+                           {"vocab_size", t.vocab},
+                           {"layer_norm_eps", 1e-12},
                            {"position_embedding_type", "absolute"}};
   if (edit) edit(config);
   std::ofstream(dir + "/config.json") << config.dump();
@@ -130,8 +134,8 @@ std::vector<double> OracleForward(const Tiny& t, const std::vector<int32_t>& ids
       for (int64_t f = 0; f < h; ++f) mean += x[i * h + f] / h;
       for (int64_t f = 0; f < h; ++f) var += (x[i * h + f] - mean) * (x[i * h + f] - mean) / h;
       for (int64_t f = 0; f < h; ++f) {
-        x[i * h + f] = (x[i * h + f] - mean) / std::sqrt(var + 1e-12) * W(p + "weight")[f] +
-                       W(p + "bias")[f];
+        x[i * h + f] =
+            (x[i * h + f] - mean) / std::sqrt(var + 1e-12) * W(p + "weight")[f] + W(p + "bias")[f];
       }
     }
   };
@@ -170,7 +174,8 @@ std::vector<double> OracleForward(const Tiny& t, const std::vector<int32_t>& ids
         }
         for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
         for (int64_t j = 0; j < n; ++j)
-          for (int64_t e = 0; e < hd; ++e) ctx[i * h + head * hd + e] += s[j] / sum * v[j * h + head * hd + e];
+          for (int64_t e = 0; e < hd; ++e)
+            ctx[i * h + head * hd + e] += s[j] / sum * v[j * h + head * hd + e];
       }
     auto a = linear(ctx, h, p + "attention.output.dense.", h);
     for (size_t i = 0; i < a.size(); ++i) a[i] += x[i];
@@ -209,8 +214,7 @@ TEST(BertTinyTest, PaddedBatchMatchesFloat64OracleRowByRow) {
           // Post-LayerNorm activations are O(1); float32 through two layers
           // of width <= 12 stays within a few hundred ulp.
           ASSERT_NEAR(got[(b * seq + i) * h + f], want[i * h + f], 2e-5)
-              << "row " << b << " token " << i << " feature " << f << ", " << threads
-              << " threads";
+              << "row " << b << " token " << i << " feature " << f << ", " << threads << " threads";
         }
     }
   }
@@ -251,7 +255,8 @@ void RewriteTensor(const std::string& dir, const Tiny& t, const std::string& ski
     if (n == skip) continue;
     const size_t begin = data.size();
     data.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
-    header[n] = {{"dtype", "F32"}, {"shape", t.shape.at(n)}, {"data_offsets", {begin, data.size()}}};
+    header[n] = {
+        {"dtype", "F32"}, {"shape", t.shape.at(n)}, {"data_offsets", {begin, data.size()}}};
   }
   if (!name.empty()) {
     int64_t count = 1;
@@ -403,7 +408,8 @@ TEST(MiniLmTest, AttentionWeightsMatchTransformersOnRealRows) {
           for (int64_t j = 0; j < seq; ++j) {
             const size_t at = static_cast<size_t>(((b * 12 + h) * seq + i) * seq + j);
             if (i >= lengths[b] || j >= lengths[b]) {
-              ASSERT_EQ(got[at], 0.0f) << "padding b " << b << " h " << h << " i " << i << " j " << j;
+              ASSERT_EQ(got[at], 0.0f)
+                  << "padding b " << b << " h " << h << " i " << i << " j " << j;
               continue;
             }
             row_sum += got[at];

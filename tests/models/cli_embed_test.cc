@@ -3,18 +3,16 @@
 // --attn-weights folder, and the error contract (exit 2, one line on stderr
 // naming the flag or file, nothing written).
 #include <gtest/gtest.h>
-
 #include <sys/stat.h>
 
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "cli_test_util.h"
 #include "file_test_util.h"
@@ -51,10 +49,10 @@ TEST(CliEmbedTest, TextsGiveTheSentenceTransformersEmbeddings) {
   TempDir dir("cli_embed_");
   const std::vector<std::string> sentences = ReadJsonFile(kFixtures + "/sentences.json");
   const NpyArray want = ReadNpy(kFixtures + "/embeddings.npy");
-  const CliResult r = RunCli({"embed", "--model", kModel, "--text", sentences[0], "--text",
-                              sentences[1], "--text", sentences[2], "--out", dir.File("e.npy"),
-                              "--threads", "2"},
-                             dir.File(""), 120);
+  const CliResult r =
+      RunCli({"embed", "--model", kModel, "--text", sentences[0], "--text", sentences[1], "--text",
+              sentences[2], "--out", dir.File("e.npy"), "--threads", "2"},
+             dir.File(""), 120);
   ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
   EXPECT_NE(r.err.find("qkv embed: 3 lines in "), std::string::npos) << r.err;
   const NpyArray got = ReadNpy(dir.File("e.npy"));
@@ -68,8 +66,8 @@ TEST(CliEmbedTest, InputLinesWithCrlfAndEmptyLinesGiveOneRowEach) {
   if (!HaveModel()) return;
   TempDir dir("cli_embed_input_");
   std::ofstream(dir.File("lines.txt"), std::ios::binary) << "Hello world.\r\n\r\nA cat.\n";
-  const CliResult r = RunCli({"embed", "--model", kModel, "--input", dir.File("lines.txt"),
-                              "--out", dir.File("e.npy"), "--batch-size", "2"},
+  const CliResult r = RunCli({"embed", "--model", kModel, "--input", dir.File("lines.txt"), "--out",
+                              dir.File("e.npy"), "--batch-size", "2"},
                              dir.File(""), 120);
   ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
   const NpyArray lines = ReadNpy(dir.File("e.npy"));
@@ -90,10 +88,10 @@ TEST(CliEmbedTest, AttnWeightsFolderHoldsEveryLayerAndTheTokens) {
   TempDir dir("cli_embed_weights_");
   const std::vector<std::string> texts = ReadJsonFile(kFixtures + "/attn_texts.json");
   const std::vector<int64_t> lengths = ReadJsonFile(kFixtures + "/attn_lengths.json");
-  const CliResult r = RunCli({"embed", "--model", kModel, "--text", texts[0], "--text", texts[1],
-                              "--text", texts[2], "--out", dir.File("e.npy"), "--attn-weights",
-                              dir.File("heads")},
-                             dir.File(""), 120);
+  const CliResult r =
+      RunCli({"embed", "--model", kModel, "--text", texts[0], "--text", texts[1], "--text",
+              texts[2], "--out", dir.File("e.npy"), "--attn-weights", dir.File("heads")},
+             dir.File(""), 120);
   ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
   EXPECT_NE(r.err.find("reference"), std::string::npos) << "the path that ran is named: " << r.err;
   const nlohmann::json tokens = ReadJsonFile(dir.File("heads/tokens.json"));
@@ -107,7 +105,8 @@ TEST(CliEmbedTest, AttnWeightsFolderHoldsEveryLayerAndTheTokens) {
       ASSERT_EQ(static_cast<int64_t>(tokens[b].size()), lengths[b]);
       for (int64_t i = 0; i < seq; ++i) {
         double sum = 0;
-        for (int64_t j = 0; j < seq; ++j) sum += w.data<float>()[((b * 12 + 5) * seq + i) * seq + j];
+        for (int64_t j = 0; j < seq; ++j)
+          sum += w.data<float>()[((b * 12 + 5) * seq + i) * seq + j];
         EXPECT_NEAR(sum, i < lengths[b] ? 1.0 : 0.0, 1e-5) << "layer " << layer << " b " << b;
       }
     }
@@ -158,8 +157,7 @@ TEST(CliEmbedTest, BadInputIsOneLineExitTwoAndNothingWritten) {
   std::ofstream(dir.File("in.txt")) << "fine\n";
   ExpectUsageError(embed({"--model", kModel, "--text", "x", "--input", dir.File("in.txt")}),
                    "--text, --input: both");
-  ExpectUsageError(embed({"--model", kModel, "--text", "x", "--batch-size", "0"}),
-                   "--batch-size");
+  ExpectUsageError(embed({"--model", kModel, "--text", "x", "--batch-size", "0"}), "--batch-size");
   ExpectUsageError(embed({"--model", kModel, "--text", "x", "--threads", "-1"}), "--threads");
   ExpectUsageError(embed({"--model", kModel, "--input", dir.File("missing.txt")}), "--input");
   std::ofstream(dir.File("bad.txt"), std::ios::binary) << "good line\nbad \xff line\n";
@@ -174,9 +172,9 @@ TEST(CliEmbedTest, BadInputIsOneLineExitTwoAndNothingWritten) {
     std::ofstream many(dir.File("many.txt"));
     for (int i = 0; i < 70000; ++i) many << "a\n";
   }
-  ExpectUsageError(embed({"--model", kModel, "--input", dir.File("many.txt"), "--batch-size",
-                          "65536"}),
-                   "--batch-size 65536");
+  ExpectUsageError(
+      embed({"--model", kModel, "--input", dir.File("many.txt"), "--batch-size", "65536"}),
+      "--batch-size 65536");
   EXPECT_FALSE(fs::exists(out));
 
   // A model folder with a broken tokenizer.json names that file.

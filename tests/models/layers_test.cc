@@ -58,12 +58,13 @@ TEST_P(LinearTest, MatchesFloat64WithinTheGammaBound) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AwkwardSizes, LinearTest,
-    ::testing::Values(LinearCase{1, 1, 1, true}, LinearCase{7, 3, 5, false},
-                      LinearCase{129, 59, 97, true}, LinearCase{300, 384, 1152, true},
-                      LinearCase{97, 1536, 384, true}, LinearCase{1, 80, 256, false},
-                      LinearCase{257, 7, 3, true}, LinearCase{3, 0, 4, true}));
+INSTANTIATE_TEST_SUITE_P(AwkwardSizes, LinearTest,
+                         ::testing::Values(LinearCase{1, 1, 1, true}, LinearCase{7, 3, 5, false},
+                                           LinearCase{129, 59, 97, true},
+                                           LinearCase{300, 384, 1152, true},
+                                           LinearCase{97, 1536, 384, true},
+                                           LinearCase{1, 80, 256, false},
+                                           LinearCase{257, 7, 3, true}, LinearCase{3, 0, 4, true}));
 
 TEST(LinearTest, BitwiseIdenticalForAnyThreadCount) {
   const int64_t rows = 1025, in = 384, out = 1152;  // 5 row blocks of 256
