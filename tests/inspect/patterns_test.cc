@@ -19,6 +19,7 @@
 
 #include "cli_test_util.h"
 #include "file_test_util.h"
+#include "models/model_test_util.h"
 #include "qkv/error.h"
 #include "qkv/models/bert.h"
 #include "qkv/npy.h"
@@ -31,12 +32,9 @@ using test::ExpectError;
 using test::TempDir;
 
 const std::string kFixtures = std::string(QKV_TESTDATA_DIR) + "/patterns";
-const std::string kMiniLm = std::string(QKV_MODELS_DIR) + "/all-MiniLM-L6-v2";
+using test::kMiniLm;
+using test::ReadJsonFile;
 
-nlohmann::json ReadJsonFile(const std::string& path) {
-  std::ifstream in(path);
-  return nlohmann::json::parse(in);
-}
 
 TEST(PatternsTest, MetricsAndLabelsMatchNumPy) {
   const AttentionDump dump = ReadAttentionDir(kFixtures);

