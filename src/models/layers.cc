@@ -1,6 +1,7 @@
 // Dense layers on OpenBLAS (qkv/models/layers.h).
 //
 // Linear: y = x . W^T + b as cblas_sgemm(RowMajor, NoTrans, Trans) per block
+// (OpenBLAS, loaded on first use: src/models/blas.cc)
 // of kLinearRowBlock rows; the blocks are spread over OpenMP threads, and
 // OpenBLAS's OpenMP build runs single-threaded inside a parallel region, so
 // each block is one serial SGEMM whatever the thread count (bitwise
@@ -17,7 +18,6 @@
 // sentences with MiniLM on one Zen 1 core; the vector one is ~10x faster.
 #include "qkv/models/layers.h"
 
-#include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -34,59 +34,16 @@ extern "C" __m128 _ZGVbN4v_erff(__m128);
 extern "C" __attribute__((target("avx2,fma"))) __m256 _ZGVdN8v_erff(__m256);
 #endif
 
+#include "models/blas.h"
 #include "validate.h"
 
-extern "C" {
-// OpenBLAS's own entry points (declared in its cblas.h; repeated here so a
-// reference CBLAS header would not hide them), and the kernel selection of
-// its DYNAMIC_ARCH builds (Debian's), run at load time from
-// OPENBLAS_CORETYPE or CPUID.
-char* openblas_get_config(void);
-char* openblas_get_corename(void);
-int openblas_get_parallel(void);
-void gotoblas_dynamic_init(void);
-void gotoblas_dynamic_quit(void);
-}
-
 namespace qkv::models {
-namespace {
-
-std::string g_blas_note;  // set once by CheckBlasCore
-
-// Debian 12's OpenBLAS 0.3.21 predates some current CPUs (Zen 5, Sapphire
-// Rapids were seen) and gives them its "Prescott" SSE3 kernels, 3-8x slower
-// than the AVX2 / AVX-512 ones they run. When that happens on a CPU with
-// AVX2 + FMA, and the user has not chosen a kernel with OPENBLAS_CORETYPE,
-// the kernel is selected again the way OpenBLAS does at load time, with
-// OPENBLAS_CORETYPE set for that call only; BlasDescription() says so.
-void CheckBlasCore() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    if (std::string(openblas_get_corename()) != "Prescott" ||
-        std::getenv("OPENBLAS_CORETYPE") != nullptr) {
-      return;
-    }
-    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (!avx2) return;
-    const char* core = avx512 ? "SkylakeX" : "Haswell";
-    setenv("OPENBLAS_CORETYPE", core, 1);
-    gotoblas_dynamic_quit();
-    gotoblas_dynamic_init();
-    unsetenv("OPENBLAS_CORETYPE");
-    g_blas_note = std::string(" (OpenBLAS chose Prescott for this CPU; qkv selected ") +
-                  openblas_get_corename() + ")";
-  });
-}
-
-}  // namespace
 
 void Linear(const float* x, int64_t rows, int64_t in, const float* w, const float* bias,
             int64_t out, float* y, int num_threads) {
   if (rows <= 0 || out <= 0) return;
-  CheckBlasCore();
-  const int threads = internal::ResolveThreads(num_threads);
+  const auto sgemm = internal::LoadBlas().sgemm;
+  const int threads = qkv::internal::ResolveThreads(num_threads);
   const int64_t blocks = (rows + kLinearRowBlock - 1) / kLinearRowBlock;
 #pragma omp parallel num_threads(static_cast <int>(std::min <int64_t>(threads, blocks)))
   {
@@ -106,7 +63,7 @@ void Linear(const float* x, int64_t rows, int64_t in, const float* w, const floa
         std::fill(yb, yb + m * out, 0.0f);
       }
       if (in == 0) continue;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
+      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
                   static_cast<int>(out), static_cast<int>(in), 1.0f, x + m0 * in,
                   static_cast<int>(in), w, static_cast<int>(in), beta, yb, static_cast<int>(out));
     }
@@ -115,7 +72,7 @@ void Linear(const float* x, int64_t rows, int64_t in, const float* w, const floa
 
 void AddLayerNorm(float* x, const float* residual, int64_t rows, int64_t features,
                   const float* gamma, const float* beta, float eps, int num_threads) {
-  const int threads = internal::ResolveThreads(num_threads);
+  const int threads = qkv::internal::ResolveThreads(num_threads);
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * features > 65536)
   for (int64_t r = 0; r < rows; ++r) {
     float* row = x + r * features;
@@ -187,7 +144,7 @@ void GeluScalar(float* x, int64_t count) {
 }  // namespace
 
 void GeluErf(float* x, int64_t count, int num_threads) {
-  const int threads = internal::ResolveThreads(num_threads);
+  const int threads = qkv::internal::ResolveThreads(num_threads);
 #ifdef QKV_LIBMVEC
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   void (*gelu)(float*, int64_t) = avx2 ? GeluAvx2 : GeluSse;
@@ -210,15 +167,6 @@ const char* GeluErfImplementation() {
 #endif
 }
 
-std::string BlasDescription() {
-  CheckBlasCore();
-  std::string s = openblas_get_config();
-  s += openblas_get_parallel() == 2   ? " (OpenMP)"
-       : openblas_get_parallel() == 1 ? " (pthreads)"
-                                      : " (serial)";
-  s += ", core ";
-  s += openblas_get_corename();
-  return s + g_blas_note;
-}
+std::string BlasDescription() { return internal::LoadBlas().description; }
 
 }  // namespace qkv::models

@@ -190,5 +190,34 @@ TEST(CliEmbedTest, BadInputIsOneLineExitTwoAndNothingWritten) {
                    "--text #1: invalid UTF-8");
 }
 
+// OpenBLAS allocates 128 MiB per CPU while it loads and retries forever when
+// it cannot; qkv loads it on first use after checking ulimit -v, so a low
+// limit is a one-line error, not a hang (src/models/blas.cc).
+TEST(CliEmbedTest, LowAddressSpaceLimitIsOneLineErrorNotAHang) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "AddressSanitizer reserves terabytes of address space: no ulimit -v applies";
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+  GTEST_SKIP() << "AddressSanitizer reserves terabytes of address space: no ulimit -v applies";
+#endif
+#endif
+  if (!HaveModel()) return;
+  TempDir dir("cli_embed_ulimit_");
+  // The limit is set in the child only (a shell that then execs qkv), so
+  // this test process, whatever it has mapped, can still spawn it.
+  auto limited = [&](std::vector<std::string> args) {
+    std::vector<std::string> command = {"/bin/sh", "-c", "ulimit -v 358400 && exec \"$0\" \"$@\"",
+                                        QKV_CLI_PATH};
+    command.insert(command.end(), args.begin(), args.end());
+    return RunProgram(command, dir.File(""), 60);
+  };
+  const CliResult r = limited({"embed", "--model", kModel, "--text", "x", "--out", dir.File("e.npy")});
+  ExpectUsageError(r, "ulimit -v");
+  EXPECT_FALSE(fs::exists(dir.File("e.npy")));
+  // Commands without dense layers never load OpenBLAS: the same limit is plenty.
+  const CliResult t = limited({"tokenize", "--model", kModel, "--text", "x"});
+  EXPECT_TRUE(t.exited && t.status == 0) << Describe(t);
+}
+
 }  // namespace
 }  // namespace qkv::test
