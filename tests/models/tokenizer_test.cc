@@ -181,7 +181,10 @@ TEST(TokenizerTest, InvalidUtf8NamesTheByte) {
       {"caf\xC3\xA9 \x80", 6},   // stray continuation byte after valid é
       {"[MASK]\xC3", 6},         // after an added token
   };
-  for (const auto& [text, byte] : cases) {
+  for (const auto& c : cases) {
+    // Named copies, not structured bindings: clang 14 cannot capture those.
+    const std::string& text = c.first;
+    const auto byte = c.second;
     EXPECT_EQ(ErrorOf([&] { tok->Encode(text, 128); }),
               "invalid UTF-8 at byte " + std::to_string(byte))
         << Json::binary({text.begin(), text.end()}).dump();
