@@ -27,6 +27,20 @@ extern char** environ;
 
 namespace qkv::test {
 
+// True in an AddressSanitizer build (gcc or clang): its shadow memory
+// reserves terabytes of address space, so ulimit -v tests cannot run.
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr bool kUnderAddressSanitizer = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+inline constexpr bool kUnderAddressSanitizer = true;
+#else
+inline constexpr bool kUnderAddressSanitizer = false;
+#endif
+#else
+inline constexpr bool kUnderAddressSanitizer = false;
+#endif
+
 struct CliResult {
   bool exited = false;  // normal exit (not a signal, not our timeout)
   int status = -1;      // exit status when `exited`

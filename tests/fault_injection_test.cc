@@ -155,13 +155,9 @@ TEST_F(FaultInjectionTest, FileSizeLimitIsOneLineErrorAndLeavesNoFile) {
 // ulimit -v: the outputs' 520 MiB do not fit in a 400 MB address space. The
 // command must say so before allocating (naming the flags), not die.
 TEST_F(FaultInjectionTest, AddressSpaceLimitIsOneLineError) {
-#if defined(__SANITIZE_ADDRESS__)
-  GTEST_SKIP() << "AddressSanitizer reserves terabytes of address space: no ulimit -v applies";
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-  GTEST_SKIP() << "AddressSanitizer reserves terabytes of address space: no ulimit -v applies";
-#endif
-#endif
+  if (test::kUnderAddressSanitizer) {
+    GTEST_SKIP() << "AddressSanitizer reserves terabytes of address space: no ulimit -v applies";
+  }
   struct rlimit old_limit {};
   ASSERT_EQ(getrlimit(RLIMIT_AS, &old_limit), 0);
   struct rlimit limit = old_limit;

@@ -194,13 +194,9 @@ TEST(CliEmbedTest, BadInputIsOneLineExitTwoAndNothingWritten) {
 // it cannot; qkv loads it on first use after checking ulimit -v, so a low
 // limit is a one-line error, not a hang (src/models/blas.cc).
 TEST(CliEmbedTest, LowAddressSpaceLimitIsOneLineErrorNotAHang) {
-#if defined(__SANITIZE_ADDRESS__)
-  GTEST_SKIP() << "AddressSanitizer reserves terabytes of address space: no ulimit -v applies";
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-  GTEST_SKIP() << "AddressSanitizer reserves terabytes of address space: no ulimit -v applies";
-#endif
-#endif
+  if (test::kUnderAddressSanitizer) {
+    GTEST_SKIP() << "AddressSanitizer reserves terabytes of address space: no ulimit -v applies";
+  }
   if (!HaveModel()) return;
   TempDir dir("cli_embed_ulimit_");
   // The limit is set in the child only (a shell that then execs qkv), so
