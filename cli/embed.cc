@@ -1,5 +1,6 @@
 // qkv embed / qkv tokenize: sentence embeddings from a BERT model folder
-// (all-MiniLM-L6-v2 from `make models`; docs/models.md).
+// (all-MiniLM-L6-v2 from `make models`; docs/models.md); tokenize also reads
+// the byte-level BPE tokenizer of a .gguf file (SmolLM2).
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -19,7 +20,9 @@
 #include "commands.h"
 #include "common.h"
 #include "qkv/error.h"
+#include "qkv/gguf.h"
 #include "qkv/models/bert.h"
+#include "qkv/models/bpe_tokenizer.h"
 #include "qkv/models/layers.h"
 
 namespace qkv::cli {
@@ -215,7 +218,39 @@ struct TokenizeFlags {
   std::vector<std::string> texts;
 };
 
+// qkv tokenize --model FILE.gguf: one JSON line per text, {"ids", "tokens"
+// (the vocabulary pieces, byte-level encoded: "Ġ" for a space), "bytes" (what
+// each token decodes to; a character split across tokens shows as U+FFFD)}.
+int RunTokenizeGguf(const TokenizeFlags& f) {
+  std::optional<models::BpeTokenizer> tok;
+  try {
+    tok.emplace(models::BpeTokenizer::FromGguf(GgufFile::Open(f.model)));
+  } catch (const Error& e) {
+    throw Error("--model: " + std::string(e.what()));
+  }
+  std::string lines;
+  for (size_t i = 0; i < f.texts.size(); ++i) {
+    std::vector<int32_t> ids;
+    try {
+      ids = tok->Encode(f.texts[i]);
+    } catch (const Error& error) {
+      throw Error("--text #" + std::to_string(i + 1) + ": " + error.what());
+    }
+    std::vector<std::string> pieces, bytes;
+    for (const int32_t id : ids) {
+      pieces.push_back(tok->Piece(id));
+      bytes.push_back(tok->TokenBytes(id));
+    }
+    lines += nlohmann::json{{"ids", ids}, {"tokens", pieces}, {"bytes", bytes}}.dump(
+                 -1, ' ', false, nlohmann::json::error_handler_t::replace) +
+             "\n";
+  }
+  std::fputs(lines.c_str(), stdout);
+  return FinishStdout(0);
+}
+
 int RunTokenize(const TokenizeFlags& f) {
+  if (f.model.ends_with(".gguf")) return RunTokenizeGguf(f);
   CheckModelDir(f.model);
   std::optional<models::ModelTokenizer> tok;
   try {
@@ -266,7 +301,10 @@ Runner AddTokenizeCommand(CLI::App& app) {
   TokenizeFlags& f = *flags;
   CLI::App* cmd = app.add_subcommand(
       "tokenize", "Token ids and pieces of a model's tokenizer, one JSON line per --text");
-  cmd->add_option("--model", f.model, "Model folder with tokenizer.json")->required();
+  cmd->add_option("--model", f.model,
+                  "Model folder with tokenizer.json, or a .gguf file (byte-level BPE, e.g. "
+                  "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)")
+      ->required();
   cmd->add_option("--text", f.texts, "Text to tokenise (repeat for several)")->required();
   return [flags] { return RunTokenize(*flags); };
 }
