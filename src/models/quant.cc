@@ -125,31 +125,48 @@ float DotQ8_0(const unsigned char* HWY_RESTRICT w, const float* HWY_RESTRICT x, 
   return hn::GetLane(hn::SumOfLanes(df, acc));
 }
 
-float DotQ4_1(const unsigned char* HWY_RESTRICT w, const float* HWY_RESTRICT x,
-              const float* HWY_RESTRICT xsum, int64_t blocks) {
+// One Q4_1 block's sum_j q_j x_j as a vector (summed later), and its m.
+HWY_INLINE VF BlockQ4_1(const unsigned char* HWY_RESTRICT blk, const float* HWY_RESTRICT xb) {
   const DF df;
   const DI di;
   const hn::Rebind<uint8_t, DI> du8;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   const auto low_mask = hn::Set(du8, uint8_t{0x0F});
-  VF acc = hn::Zero(df);
-  float offsets = 0.0f;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const unsigned char* blk = w + b * kQ4_1Bytes;
-    const uint8_t* qs = blk + 4;
-    const float* xb = x + b * kBlock;
-    VF t = hn::Zero(df);
-    for (int64_t j = 0; j < kBlock / 2; j += N) {
-      const auto v = hn::LoadU(du8, qs + j);
-      const VF lo = hn::ConvertTo(df, hn::PromoteTo(di, hn::And(v, low_mask)));
-      const VF hi = hn::ConvertTo(df, hn::PromoteTo(di, hn::ShiftRight<4>(v)));
-      t = hn::MulAdd(lo, hn::LoadU(df, xb + j), t);
-      t = hn::MulAdd(hi, hn::LoadU(df, xb + kBlock / 2 + j), t);
-    }
-    acc = hn::MulAdd(hn::Set(df, LoadHalf(blk)), t, acc);
-    offsets += LoadHalf(blk + 2) * xsum[b];
+  VF t0 = hn::Zero(df), t1 = hn::Zero(df);
+  for (int64_t j = 0; j < kBlock / 2; j += N) {
+    const auto v = hn::LoadU(du8, blk + 4 + j);
+    const VF lo = hn::ConvertTo(df, hn::PromoteTo(di, hn::And(v, low_mask)));
+    const VF hi = hn::ConvertTo(df, hn::PromoteTo(di, hn::ShiftRight<4>(v)));
+    t0 = hn::MulAdd(lo, hn::LoadU(df, xb + j), t0);
+    t1 = hn::MulAdd(hi, hn::LoadU(df, xb + kBlock / 2 + j), t1);
   }
-  return hn::GetLane(hn::SumOfLanes(df, acc)) + offsets;
+  return hn::Add(t0, t1);
+}
+
+// Two blocks per iteration into two accumulators (and two offset sums):
+// one dependency chain per block made the first version latency-bound
+// (SmolLM2 decode step 21.5 -> see BENCHMARKS.md, 1 thread).
+float DotQ4_1(const unsigned char* HWY_RESTRICT w, const float* HWY_RESTRICT x,
+              const float* HWY_RESTRICT xsum, int64_t blocks) {
+  const DF df;
+  VF acc0 = hn::Zero(df), acc1 = hn::Zero(df);
+  float off0 = 0.0f, off1 = 0.0f;
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    const unsigned char* blk = w + b * kQ4_1Bytes;
+    const VF t0 = BlockQ4_1(blk, x + b * kBlock);
+    const VF t1 = BlockQ4_1(blk + kQ4_1Bytes, x + (b + 1) * kBlock);
+    acc0 = hn::MulAdd(hn::Set(df, LoadHalf(blk)), t0, acc0);
+    acc1 = hn::MulAdd(hn::Set(df, LoadHalf(blk + kQ4_1Bytes)), t1, acc1);
+    off0 += LoadHalf(blk + 2) * xsum[b];
+    off1 += LoadHalf(blk + kQ4_1Bytes + 2) * xsum[b + 1];
+  }
+  if (b < blocks) {
+    const unsigned char* blk = w + b * kQ4_1Bytes;
+    acc0 = hn::MulAdd(hn::Set(df, LoadHalf(blk)), BlockQ4_1(blk, x + b * kBlock), acc0);
+    off0 += LoadHalf(blk + 2) * xsum[b];
+  }
+  return hn::GetLane(hn::SumOfLanes(df, hn::Add(acc0, acc1))) + (off0 + off1);
 }
 
 }  // namespace

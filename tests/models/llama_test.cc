@@ -9,7 +9,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -327,6 +330,53 @@ TEST(LlamaTest, BadTokensAndAFullCacheAreErrorsBeforeAnythingIsAppended) {
     EXPECT_THAT(e.what(), HasSubstr("context full"));
   }
   EXPECT_EQ(kv.Length(seq), 0);
+}
+
+}  // namespace
+}  // namespace qkv::models
+
+namespace qkv::models {
+namespace {
+
+// A copy of the real file with one metadata value changed in place: the
+// model's checks must name what no longer fits.
+std::string PatchedCopy(const std::string& dir, const std::string& key, const std::string& from,
+                        const std::string& to) {
+  std::ifstream in(kSmolLm2, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t at = bytes.find(key);
+  const size_t value = bytes.find(from, at + key.size());
+  EXPECT_NE(at, std::string::npos);
+  EXPECT_LT(value - at, key.size() + 32) << key;
+  bytes.replace(value, from.size(), to);
+  const std::string path = dir + "/patched.gguf";
+  std::ofstream(path, std::ios::binary) << bytes;
+  return path;
+}
+
+TEST(LlamaTest, FilesThatDoNotFitTheArchitectureAreRefusedByName) {
+  if (!HaveSmolLm2()) return;
+  const std::string dir = ::testing::TempDir();
+  const auto expect_error = [](const std::string& path, const std::string& needle) {
+    try {
+      LlamaModel::Load(path);
+      ADD_FAILURE() << "loaded; expected an error with " << needle;
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), HasSubstr(needle));
+      EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+    }
+  };
+  // FFN width 1536 (uint32 0x600) -> 1537: ffn_gate's shape no longer fits.
+  expect_error(PatchedCopy(dir, "llama.feed_forward_length", std::string("\x00\x06\x00\x00", 4),
+                           std::string("\x01\x06\x00\x00", 4)),
+               "tensor blk.0.ffn_gate.weight has ne {576, 1536} (expected {576, 1537}");
+  expect_error(PatchedCopy(dir, "general.architecture", "llama", "llamb"),
+               "general.architecture is \"llamb\" (expected \"llama\")");
+  // 9 heads -> 7: 576 is not a multiple of 7.
+  expect_error(PatchedCopy(dir, "llama.attention.head_count", std::string("\x09\x00\x00\x00", 4),
+                           std::string("\x07\x00\x00\x00", 4)),
+               "(expected heads to divide hidden");
+  std::remove((dir + "/patched.gguf").c_str());
 }
 
 }  // namespace
