@@ -11,6 +11,16 @@
 
 namespace qkv::internal {
 
+std::string Quote(std::string_view text, size_t max_shown) {
+  std::string out = "'";
+  for (size_t i = 0; i < text.size() && i < max_shown; ++i) {
+    const char c = text[i];
+    out += (c >= 0x20 && c < 0x7f) ? c : '?';
+  }
+  out += text.size() > max_shown ? "...'" : "'";
+  return out;
+}
+
 void Fail(const std::string& name, const std::string& problem, const std::string& expected) {
   throw Error(name + ": " + problem + " (expected " + expected + ")");
 }

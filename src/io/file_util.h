@@ -7,8 +7,14 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <string_view>
 
 namespace qkv::internal {
+
+// Returns file text quoted for a one-line message: non-printable bytes become
+// '?' and text past `max_shown` bytes is cut ("..."), so a binary or hostile
+// header cannot add lines to an error.
+std::string Quote(std::string_view text, size_t max_shown);
 
 // Throws qkv::Error "<name>: <problem> (expected <expected>)".
 [[noreturn]] void Fail(const std::string& name, const std::string& problem,

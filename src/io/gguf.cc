@@ -59,18 +59,7 @@ constexpr uint64_t kMinArrayBytes = 4 + 8;
 constexpr const char* kKnownTypes =
     "one of F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K";
 
-// Returns file text quoted for a one-line message: non-printable bytes become
-// '?' and long text is cut, so a hostile key cannot add lines to an error.
-std::string Quote(std::string_view text) {
-  constexpr size_t kMaxShown = 80;
-  std::string out = "'";
-  for (size_t i = 0; i < text.size() && i < kMaxShown; ++i) {
-    const char c = text[i];
-    out += (c >= 0x20 && c < 0x7f) ? c : '?';
-  }
-  out += text.size() > kMaxShown ? "...'" : "'";
-  return out;
-}
+std::string Quote(std::string_view text) { return internal::Quote(text, 80); }
 
 std::string Str(uint64_t v) { return std::to_string(v); }
 

@@ -88,18 +88,7 @@ int64_t CheckShape(DType dtype, std::span<const int64_t> shape, const std::strin
   return bytes;
 }
 
-// Returns file text quoted for a one-line message: non-printable bytes become
-// '?' and long text is cut, so a binary or hostile header cannot add lines.
-std::string Quote(std::string_view text) {
-  constexpr size_t kMaxShown = 40;
-  std::string out = "'";
-  for (size_t i = 0; i < text.size() && i < kMaxShown; ++i) {
-    const char c = text[i];
-    out += (c >= 0x20 && c < 0x7f) ? c : '?';
-  }
-  out += text.size() > kMaxShown ? "...'" : "'";
-  return out;
-}
+std::string Quote(std::string_view text) { return internal::Quote(text, 40); }
 
 // Maps a descr string to a dtype or throws, naming the nearest supported one.
 DType ParseDescr(const std::string& descr, const std::string& name) {

@@ -10,6 +10,7 @@
 #include "qkv/models/bpe_tokenizer.h"
 
 #include <gtest/gtest.h>
+#include <utf8proc.h>
 
 #include <chrono>
 #include <cstring>
@@ -219,22 +220,11 @@ TEST(BpeTokenizerTest, RandomValidUtf8RoundTrips) {
   ASSERT_NE(tok, nullptr);
   std::mt19937 rng(15);
   const auto append = [](uint32_t cp, std::string& out) {
-    if (cp < 0x80) {
-      out += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-      out += static_cast<char>(0xC0 | (cp >> 6));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      out += static_cast<char>(0xE0 | (cp >> 12));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else {
-      out += static_cast<char>(0xF0 | (cp >> 18));
-      out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    }
+    utf8proc_uint8_t buf[4];
+    const utf8proc_ssize_t n = utf8proc_encode_char(static_cast<utf8proc_int32_t>(cp), buf);
+    out.append(reinterpret_cast<const char*>(buf), static_cast<size_t>(n));
   };
+
   const uint32_t limits[] = {0x80, 0x800, 0x3000, 0x10000, 0x110000};
   for (int round = 0; round < 300; ++round) {
     std::string text;
