@@ -200,6 +200,13 @@ std::string Printable(const std::string& text) {
   return out;
 }
 
+DType CacheDType(const std::string& name) {
+  if (name == "f16") return DType::kFloat16;
+  if (name == "bf16") return DType::kBFloat16;
+  if (name == "i8") return DType::kInt8;
+  return DType::kFloat32;
+}
+
 double Median(std::vector<double> times) {
   std::sort(times.begin(), times.end());
   const size_t n = times.size();

@@ -53,6 +53,10 @@ void CheckOutputPaths(const std::vector<FlagPath>& inputs, const std::vector<Fla
 // \n, \t or \xNN, so that an error message stays one line.
 std::string Printable(const std::string& text);
 
+// The KV-cache storage dtype named by --cache-dtype (f32, f16, bf16, i8; the
+// flag's IsMember check has refused anything else).
+DType CacheDType(const std::string& name);
+
 // Returns the median of `times` (the mean of the middle two for an even
 // count); `times` must not be empty.
 double Median(std::vector<double> times);

@@ -41,13 +41,6 @@ struct DecodeFlags {
   bool json = false;
 };
 
-DType CacheDType(const std::string& name) {
-  if (name == "f16") return DType::kFloat16;
-  if (name == "bf16") return DType::kBFloat16;
-  if (name == "i8") return DType::kInt8;
-  return DType::kFloat32;
-}
-
 KvCacheConfig MakeConfig(const DecodeFlags& f, int64_t tokens) {
   KvCacheConfig c;
   c.dtype = CacheDType(f.cache_dtype);

@@ -57,13 +57,6 @@ void AddModelCacheFlags(CLI::App* cmd, std::string& model, CacheFlags& f) {
       ->capture_default_str();
 }
 
-DType CacheDType(const std::string& name) {
-  if (name == "f16") return DType::kFloat16;
-  if (name == "bf16") return DType::kBFloat16;
-  if (name == "i8") return DType::kInt8;
-  return DType::kFloat32;
-}
-
 // A cache for sequences of up to `tokens` tokens (paged: one spare block).
 KvCacheConfig MakeCacheConfig(const CacheFlags& f, int64_t tokens) {
   CheckThreadsFlag(f.threads);

@@ -208,7 +208,6 @@ ForwardInfo LlamaForward(const LlamaModel& model, LlamaCache& cache, int64_t seq
   const KvCacheConfig& cc = cache.cache_config();
   const int64_t n = static_cast<int64_t>(tokens.size());
   const int threads = qkv::internal::ResolveThreads(num_threads);
-  const double t_start = omp_get_wtime();
   for (int64_t t = 0; t < n; ++t) {
     if (tokens[static_cast<size_t>(t)] < 0 || tokens[static_cast<size_t>(t)] >= c.vocab) {
       throw Error("token " + Str(t) + ": id " + Str(tokens[static_cast<size_t>(t)]) +
@@ -226,7 +225,7 @@ ForwardInfo LlamaForward(const LlamaModel& model, LlamaCache& cache, int64_t seq
     for (const KvCache& layer : cache.layers()) {
       if (layer.FreeBlocks() < needed) {
         throw Error("paged cache exhausted: " + Str(needed) + " blocks needed, " +
-                    Str(layer.FreeBlocks()) + " free (expected a larger --cache-blocks)");
+                    Str(layer.FreeBlocks()) + " free (expected a pool with more num_blocks)");
       }
     }
   }
@@ -248,7 +247,6 @@ ForwardInfo LlamaForward(const LlamaModel& model, LlamaCache& cache, int64_t seq
     if (mode == Logits::kLast) logits = std::move(step);
     if (mode == Logits::kNone) logits.clear();
     info.attention_path = "decode, one token at a time (the cache evicts)";
-    info.total_seconds = omp_get_wtime() - t_start;
     return info;
   }
 
@@ -326,7 +324,6 @@ ForwardInfo LlamaForward(const LlamaModel& model, LlamaCache& cache, int64_t seq
     logits.assign(static_cast<size_t>(rows * c.vocab), 0.0f);
     QuantLinear(h.data(), rows, m.output, logits.data(), threads);
   }
-  info.total_seconds = omp_get_wtime() - t_start;
   return info;
 }
 

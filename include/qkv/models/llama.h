@@ -99,8 +99,7 @@ enum class Logits : uint8_t { kNone, kLast, kAll };
 
 struct ForwardInfo {
   std::string attention_path;  // "flash prefill", "decode", ...
-  double attention_seconds = 0;
-  double total_seconds = 0;
+  double attention_seconds = 0;  // time inside the attention kernels
 };
 
 // Runs `tokens` through the model as the next tokens of sequence `seq` of
