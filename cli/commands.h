@@ -41,6 +41,7 @@ Runner AddTokenizeCommand(CLI::App& app);
 Runner AddPatternsCommand(CLI::App& app);
 Runner AddExplainCommand(CLI::App& app);
 Runner AddHeatmapCommand(CLI::App& app);
+Runner AddReportCommand(CLI::App& app);
 Runner AddGenerateCommand(CLI::App& app);
 Runner AddLogitsCommand(CLI::App& app);
 Runner AddPerplexityCommand(CLI::App& app);

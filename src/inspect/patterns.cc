@@ -42,10 +42,15 @@ bool IsPunctuationToken(const std::string& token) {
   }
   const auto* p = reinterpret_cast<const utf8proc_uint8_t*>(token.data());
   utf8proc_ssize_t left = static_cast<utf8proc_ssize_t>(token.size());
+  bool any = false;
   while (left > 0) {
     utf8proc_int32_t c = 0;
     const utf8proc_ssize_t n = utf8proc_iterate(p, left, &c);
     if (n <= 0) return false;
+    p += n, left -= n;
+    // A decoder's token carries its leading space (" ,"): spaces do not count.
+    if (utf8proc_category(c) == UTF8PROC_CATEGORY_ZS || c == '\t' || c == '\n' || c == '\r') continue;
+    any = true;
     switch (utf8proc_category(c)) {
       case UTF8PROC_CATEGORY_PC:
       case UTF8PROC_CATEGORY_PD:
@@ -58,9 +63,8 @@ bool IsPunctuationToken(const std::string& token) {
       default:
         return false;
     }
-    p += n, left -= n;
   }
-  return true;
+  return any;
 }
 
 void ValidateAttentionDump(const AttentionDump& d, const std::string& name) {

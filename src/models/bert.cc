@@ -220,7 +220,8 @@ Encoding BertEncoder::Tokenize(std::string_view text) const {
 
 std::vector<float> BertEncoder::Forward(std::span<const int32_t> ids, int64_t batch, int64_t seq,
                                         std::span<const int64_t> lengths, int num_threads,
-                                        std::vector<float>* weights_out, EmbedStats* stats) const {
+                                        std::vector<float>* weights_out, EmbedStats* stats,
+                                        std::vector<float>* qkv_out) const {
   const BertConfig& c = config_;
   const int64_t h = c.hidden_size, heads = c.num_heads, hd = c.head_dim();
   if (batch < 0 || seq < 1 || seq > c.max_positions ||
@@ -276,6 +277,10 @@ std::vector<float> BertEncoder::Forward(std::span<const int32_t> ids, int64_t ba
   if (weights_out) {
     weights_out->assign(static_cast<size_t>(c.num_layers * batch * heads * seq * seq), 0.0f);
   }
+  if (qkv_out) {
+    qkv_out->clear();
+    qkv_out->reserve(static_cast<size_t>(c.num_layers * tokens * 3 * h));
+  }
   st.other_s += Since(t0);
 
   AttentionParams a;
@@ -293,6 +298,7 @@ std::vector<float> BertEncoder::Forward(std::span<const int32_t> ids, int64_t ba
     t0 = Clock::now();
     Linear(x.data(), tokens, h, layer.qkv_w.data(), layer.qkv_b.data(), 3 * h, qkv.data(), threads);
     st.dense_s += Since(t0);
+    if (qkv_out) qkv_out->insert(qkv_out->end(), qkv.begin(), qkv.end());
 
     t0 = Clock::now();
     for (int64_t b = 0; b < batch; ++b) {

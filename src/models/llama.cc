@@ -202,7 +202,7 @@ int64_t LlamaCache::BytesAllocated() const {
 
 ForwardInfo LlamaForward(const LlamaModel& model, LlamaCache& cache, int64_t seq,
                          std::span<const int32_t> tokens, Logits mode, std::vector<float>& logits,
-                         int num_threads) {
+                         int num_threads, LlamaProbe* probe) {
   const LlamaModel::Impl& m = model.impl();
   const LlamaConfig& c = m.config;
   const KvCacheConfig& cc = cache.cache_config();
@@ -228,6 +228,13 @@ ForwardInfo LlamaForward(const LlamaModel& model, LlamaCache& cache, int64_t seq
                     Str(layer.FreeBlocks()) + " free (expected a pool with more num_blocks)");
       }
     }
+  }
+  const bool prefill = start == 0 && cc.dtype == DType::kFloat32 &&
+                       (cc.kind == CacheKind::kContiguous || cc.kind == CacheKind::kPaged);
+  if (probe && (probe->want_weights || probe->want_qkv) && !prefill) {
+    throw Error("attention weights and projections are handed out only for a prefill of an empty "
+                "float32 contiguous or paged cache (this call: " + Str(start) +
+                " tokens already cached)");
   }
   // Caches that evict run a chunk one token at a time (llama.h).
   if (n > 1 && (cc.kind == CacheKind::kSliding || cc.kind == CacheKind::kSinks)) {
@@ -264,10 +271,16 @@ ForwardInfo LlamaForward(const LlamaModel& model, LlamaCache& cache, int64_t seq
   rope.base = c.rope_base;
   rope.rotary_dim = c.rotary_dim;
   rope.offset = start;
-  const bool flash = start == 0 && cc.dtype == DType::kFloat32 &&
-                     (cc.kind == CacheKind::kContiguous || cc.kind == CacheKind::kPaged);
+  const bool want_weights = probe && probe->want_weights;
+  const bool want_qkv = probe && probe->want_qkv;
+  const bool flash = prefill;
   ForwardInfo info;
-  info.attention_path = flash ? "flash prefill" : "decode";
+  info.attention_path = !flash ? "decode"
+                        : want_weights ? "reference prefill (attention weights asked; the flash "
+                                         "kernel does not write them)"
+                                       : "flash prefill";
+  if (want_weights) probe->weights.assign(m.layers.size(), {});
+  if (want_qkv) probe->q.assign(m.layers.size(), {}), probe->k = probe->q, probe->v = probe->q;
   for (size_t l = 0; l < m.layers.size(); ++l) {
     const LlamaModel::Impl::Layer& L = m.layers[l];
     RmsNorm(x.data(), n, H, L.attn_norm.data(), c.rms_eps, h.data());
@@ -292,6 +305,12 @@ ForwardInfo LlamaForward(const LlamaModel& model, LlamaCache& cache, int64_t seq
       p.out = out;
       p.mask.causal = true;
       p.num_threads = threads;
+      if (want_weights) {
+        std::vector<float>& w = probe->weights[l];
+        w.assign(static_cast<size_t>(Hq * n * n), 0.0f);
+        p.weights = MutableTensorView::Contiguous(w.data(), DType::kFloat32, {1, Hq, n, n});
+      }
+      if (want_qkv) probe->q[l] = q, probe->k[l] = k, probe->v[l] = v;
       Attention(p);
     } else {
       const KvSequenceView view = cache.layers()[l].View(seq);

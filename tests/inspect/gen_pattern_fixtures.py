@@ -77,7 +77,9 @@ OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "testda
 def is_punct(token):
     if token in SPECIAL or token.startswith("##") or not token:
         return False
-    return all(unicodedata.category(c).startswith("P") for c in token)
+    # Spaces (a decoder token's leading " ") do not count; at least one P* character.
+    chars = [c for c in token if not (unicodedata.category(c) == "Zs" or c in "\t\n\r")]
+    return bool(chars) and all(unicodedata.category(c).startswith("P") for c in chars)
 
 
 def to_float32_distribution(p):

@@ -67,10 +67,12 @@ TEST(PatternsTest, MetricsAndLabelsMatchNumPy) {
 }
 
 TEST(PatternsTest, PunctuationTokens) {
-  for (const char* t : {".", ",", "!?", "\xe2\x80\x94", "\xc2\xbf", "(", "\xe3\x80\x82"}) {
+  for (const char* t : {".", ",", "!?", "\xe2\x80\x94", "\xc2\xbf", "(", "\xe3\x80\x82", " ,", ".\n",
+                        " \xe2\x80\x94 "}) {
     EXPECT_TRUE(IsPunctuationToken(t)) << t;
   }
-  for (const char* t : {"", "$", "a", "##.", "[SEP]", "[CLS]", "\xe2\x82\xac", ".a", "\xff"}) {
+  for (const char* t : {"", "$", "a", "##.", "[SEP]", "[CLS]", "\xe2\x82\xac", ".a", "\xff", " ", " \n",
+                        " the", " .a"}) {
     EXPECT_FALSE(IsPunctuationToken(t)) << t;
   }
 }

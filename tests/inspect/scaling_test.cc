@@ -5,19 +5,23 @@
 //  - ExplainScaling: the measured variance of q.k within 5 Monte-Carlo
 //    standard errors of d_k (the error formula is derived in scaling.cc), the
 //    saturation and vanishing gain without the scale, thread independence;
+//  - ExplainScalingOnLayer (a model's own q, k) against a float64 oracle;
 //  - the command: JSON, SVG, bad flags.
 #include "qkv/inspect/scaling.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "cli_test_util.h"
 #include "file_test_util.h"
+#include "qkv/error.h"
 #include "qkv/npy.h"
 #include "test_util.h"
 
@@ -113,6 +117,170 @@ TEST(ScalingTest, IdenticalForAnyThreadCount) {
     EXPECT_EQ(one[i].scaled.score_grad_norm, two[i].scaled.score_grad_norm);
     EXPECT_EQ(one[i].unscaled.query_grad_norm, two[i].unscaled.query_grad_norm);
   }
+}
+
+// ExplainScalingOnLayer (`qkv explain scaling --model`) against a float64
+// oracle that materialises each row's softmax and applies its Jacobian
+// diag(p) - p p^T, on awkward sizes: GQA, a decoder's causal rows (the first
+// row, one key, is left out), inputs of 1, 7 and 13 tokens, large scores.
+// dL/dout is drawn as documented in scaling.h: N(0, 1) floats from
+// mt19937_64(seed * 0x9E3779B97F4A7C15 + 0x5CA11), head by head, input by
+// input, token by token.
+TEST(ScalingTest, LayerMeasurementsMatchFloat64Oracle) {
+  struct Case {
+    int64_t hq, hkv, d;
+    bool causal;
+    std::vector<int64_t> lengths;
+    float spread;
+  };
+  for (const Case& c : {Case{4, 2, 5, true, {1, 7, 13}, 3.0f}, Case{2, 2, 3, false, {3, 9, 1}, 1.0f},
+                        Case{3, 1, 59, true, {2, 31}, 0.7f}}) {
+    SCOPED_TRACE("hq " + std::to_string(c.hq) + " d " + std::to_string(c.d));
+    LayerProjections p;
+    p.num_q_heads = c.hq, p.num_kv_heads = c.hkv, p.head_dim = c.d, p.causal = c.causal;
+    p.lengths = c.lengths;
+    int64_t tokens = 0;
+    for (const int64_t len : c.lengths) tokens += len;
+    std::mt19937_64 data_rng(42);
+    std::normal_distribution<float> data(0.0f, c.spread);
+    p.q.resize(static_cast<size_t>(tokens * c.hq * c.d));
+    p.k.resize(static_cast<size_t>(tokens * c.hkv * c.d));
+    p.v.resize(p.k.size());
+    for (std::vector<float>* x : {&p.q, &p.k, &p.v})
+      for (float& e : *x) e = data(data_rng);
+    const uint64_t seed = 7;
+    const std::vector<HeadScalingRow> got = ExplainScalingOnLayer(p, seed, 2);
+    ASSERT_EQ(got.size(), static_cast<size_t>(c.hq));
+    const std::vector<HeadScalingRow> one = ExplainScalingOnLayer(p, seed, 1);
+
+    std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + 0x5CA11u);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    const double u = test::kU32;
+    for (int64_t h = 0; h < c.hq; ++h) {
+      const int64_t kh = h / (c.hq / c.hkv);
+      // Oracle, per scale: the rows' values, then the summaries.
+      std::vector<double> max_w[2], ent[2], ds_norm[2], dq_norm[2], gain[2];
+      // Per row: the absolute error of dS from D_i = dO_i . O_i in float32
+      // (cancels in dS = p o (dP - D) when a row is nearly one-hot):
+      // |err D| <= (keys + d + 2) u |dO_i| max_j |v_j|, and |err dS| <= |err D|.
+      std::vector<double> err_ds, err_gain, err_dq;
+      double q2 = 0, k2 = 0, dot = 0, dot2 = 0, pairs = 0, worst = 0;
+      int64_t first = 0;
+      for (const int64_t len : c.lengths) {
+        const auto Q = [&](int64_t t, int64_t e) {
+          return static_cast<double>(p.q[static_cast<size_t>(((first + t) * c.hq + h) * c.d + e)]);
+        };
+        const auto K = [&](int64_t t, int64_t e) {
+          return static_cast<double>(p.k[static_cast<size_t>(((first + t) * c.hkv + kh) * c.d + e)]);
+        };
+        const auto V = [&](int64_t t, int64_t e) {
+          return static_cast<double>(p.v[static_cast<size_t>(((first + t) * c.hkv + kh) * c.d + e)]);
+        };
+        std::vector<double> dout(static_cast<size_t>(len * c.d));
+        for (double& e : dout) e = normal(rng);
+        for (int64_t t = 0; t < len; ++t)
+          for (int64_t e = 0; e < c.d; ++e) q2 += Q(t, e) * Q(t, e), k2 += K(t, e) * K(t, e);
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t visible = c.causal ? i + 1 : len;
+          std::vector<double> qk(static_cast<size_t>(visible)), dp(qk.size());
+          for (int64_t j = 0; j < visible; ++j) {
+            double x = 0, a = 0, y = 0;
+            for (int64_t e = 0; e < c.d; ++e) {
+              x += Q(i, e) * K(j, e), a += std::abs(Q(i, e) * K(j, e));
+              y += dout[static_cast<size_t>(i * c.d + e)] * V(j, e);
+            }
+            qk[static_cast<size_t>(j)] = x, dp[static_cast<size_t>(j)] = y;
+            dot += x, dot2 += x * x, pairs += 1, worst = std::max(worst, a);
+          }
+          if (visible < 2) continue;
+          double dout_norm = 0, v_max = 0, k_max = 0, dp_norm = 0;
+          for (int64_t e = 0; e < c.d; ++e) {
+            dout_norm += dout[static_cast<size_t>(i * c.d + e)] * dout[static_cast<size_t>(i * c.d + e)];
+          }
+          for (int64_t j = 0; j < visible; ++j) {
+            double v2 = 0, k2j = 0;
+            for (int64_t e = 0; e < c.d; ++e) v2 += V(j, e) * V(j, e), k2j += K(j, e) * K(j, e);
+            v_max = std::max(v_max, std::sqrt(v2)), k_max = std::max(k_max, std::sqrt(k2j));
+            dp_norm += dp[static_cast<size_t>(j)] * dp[static_cast<size_t>(j)];
+          }
+          const double e_ds = 2 * (visible + c.d + 2) * u * std::sqrt(dout_norm) * v_max;
+          err_ds.push_back(e_ds);
+          err_gain.push_back(e_ds / std::sqrt(dp_norm));
+          err_dq.push_back(e_ds * k_max * std::sqrt(static_cast<double>(visible)));
+          for (int which = 0; which < 2; ++which) {
+            const double scale = which == 0 ? 1.0 / std::sqrt(static_cast<double>(c.d)) : 1.0;
+            double mx = -INFINITY, sum = 0, pdp = 0, mw = 0, en = 0, g2 = 0, dp2 = 0;
+            for (const double x : qk) mx = std::max(mx, scale * x);
+            std::vector<double> pr(qk.size());
+            for (size_t j = 0; j < qk.size(); ++j) sum += pr[j] = std::exp(scale * qk[j] - mx);
+            for (size_t j = 0; j < qk.size(); ++j) pr[j] /= sum, pdp += pr[j] * dp[j];
+            std::vector<double> dq(static_cast<size_t>(c.d), 0.0);
+            for (size_t j = 0; j < qk.size(); ++j) {
+              mw = std::max(mw, pr[j]);
+              if (pr[j] > 0) en -= pr[j] * std::log(pr[j]);
+              const double g = pr[j] * (dp[j] - pdp);  // (diag(p) - p p^T) dP
+              g2 += g * g, dp2 += dp[j] * dp[j];
+              for (int64_t e = 0; e < c.d; ++e) {
+                dq[static_cast<size_t>(e)] += scale * g * K(static_cast<int64_t>(j), e);
+              }
+            }
+            double dq2 = 0;
+            for (const double x : dq) dq2 += x * x;
+            max_w[which].push_back(mw), ent[which].push_back(en);
+            ds_norm[which].push_back(std::sqrt(g2)), dq_norm[which].push_back(std::sqrt(dq2));
+            gain[which].push_back(std::sqrt(g2 / dp2));
+          }
+        }
+        first += len;
+      }
+      const HeadScalingRow& r = got[static_cast<size_t>(h)];
+      SCOPED_TRACE("head " + std::to_string(h));
+      EXPECT_EQ(r.rows, static_cast<int64_t>(max_w[0].size()));
+      EXPECT_EQ(r.pairs, static_cast<int64_t>(pairs));
+      EXPECT_NEAR(r.q_mean_square, q2 / static_cast<double>(tokens * c.d), 1e-12 * q2);
+      EXPECT_NEAR(r.k_mean_square, k2 / static_cast<double>(tokens * c.d), 1e-12 * k2);
+      EXPECT_NEAR(r.dot_mean, dot / pairs, 1e-10 * (1 + std::abs(dot)));
+      EXPECT_NEAR(r.dot_variance, dot2 / pairs - (dot / pairs) * (dot / pairs), 1e-10 * dot2);
+      const auto mean = [](const std::vector<double>& x) {
+        double s = 0;
+        for (const double e : x) s += e;
+        return s / static_cast<double>(x.size());
+      };
+      const auto median = [](std::vector<double> x) {
+        std::sort(x.begin(), x.end());
+        const size_t n = x.size();
+        return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
+      };
+      int64_t longest = 0;
+      for (const int64_t len : c.lengths) longest = std::max(longest, len);
+      for (int which = 0; which < 2; ++which) {
+        const SoftmaxStats& st = which == 0 ? r.scaled : r.unscaled;
+        const SoftmaxStats& st1 = which == 0 ? one[static_cast<size_t>(h)].scaled
+                                             : one[static_cast<size_t>(h)].unscaled;
+        const double scale = which == 0 ? 1.0 / std::sqrt(static_cast<double>(c.d)) : 1.0;
+        // The bound of MeasureSoftmaxMatchesFloat64Jacobian above.
+        const double delta = (c.d + 1) * u * scale * worst;
+        const double rel = 2 * delta + (longest + 2) * u;
+        const double grad_rel = 4 * rel + 4 * (longest + c.d) * u;
+        EXPECT_EQ(st.scale, scale);
+        EXPECT_NEAR(st.mean_max_weight, mean(max_w[which]), rel);
+        EXPECT_NEAR(st.entropy, mean(ent[which]), rel * (std::log(longest) + 1) + 1e-12);
+        EXPECT_NEAR(st.score_grad_norm, mean(ds_norm[which]),
+                    grad_rel * mean(ds_norm[which]) + mean(err_ds));
+        EXPECT_NEAR(st.query_grad_norm, mean(dq_norm[which]),
+                    grad_rel * mean(dq_norm[which]) + scale * mean(err_dq));
+        EXPECT_NEAR(st.softmax_gain, median(gain[which]),
+                    grad_rel * median(gain[which]) + *std::max_element(err_gain.begin(), err_gain.end()));
+        // Bitwise the same with one thread.
+        EXPECT_EQ(st.mean_max_weight, st1.mean_max_weight);
+        EXPECT_EQ(st.score_grad_norm, st1.score_grad_norm);
+        EXPECT_EQ(st.softmax_gain, st1.softmax_gain);
+      }
+    }
+  }
+  LayerProjections bad;
+  bad.num_q_heads = 3, bad.num_kv_heads = 2, bad.head_dim = 4, bad.lengths = {2};
+  EXPECT_THROW(ExplainScalingOnLayer(bad, 0), Error);
 }
 
 TEST(ScalingTest, CommandPrintsJsonWritesSvgAndRefusesBadFlags) {

@@ -54,8 +54,9 @@ inline constexpr double kSparseThreshold = 0.8, kBroadThreshold = 0.8;
 // dump that passed validation.
 std::vector<HeadPattern> ClassifyHeads(const AttentionDump& dump);
 
-// True for a token made only of Unicode punctuation (categories P*), not a
-// special token ([CLS], ...) nor a "##" continuation.
+// True for a token made only of Unicode punctuation (categories P*) and
+// spaces, with at least one punctuation character (a decoder's " ," counts),
+// not a special token ([CLS], ...) nor a "##" continuation.
 bool IsPunctuationToken(const std::string& token);
 
 }  // namespace qkv::inspect

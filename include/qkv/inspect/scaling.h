@@ -61,6 +61,34 @@ struct ScalingOptions {
 // seed and head_dim, so a row does not depend on the other dims asked).
 std::vector<ScalingRow> ExplainScaling(const ScalingOptions& options);
 
+// The same on a real model's layer (`qkv explain scaling --model`): its
+// inputs' queries, keys and values as attention sees them (a decoder's after
+// RoPE), token after token, input after input.
+struct LayerProjections {
+  int64_t num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
+  bool causal = false;             // a decoder: query i sees keys 0..i
+  std::vector<int64_t> lengths;    // tokens per input
+  std::vector<float> q;            // [sum lengths, num_q_heads, head_dim]
+  std::vector<float> k, v;         // [sum lengths, num_kv_heads, head_dim]
+};
+
+struct HeadScalingRow {
+  int64_t head = 0, head_dim = 0;
+  int64_t rows = 0;   // query rows measured: those that see >= 2 keys
+  int64_t pairs = 0;  // (query, key) pairs attention sees, for the dot statistics
+  double q_mean_square = 0, k_mean_square = 0;  // mean of q_e^2, k_e^2 over tokens and e
+  double dot_mean = 0, dot_variance = 0;        // of q.k over those pairs
+  SoftmaxStats scaled, unscaled;  // the model's 1/sqrt(head_dim), and 1
+};
+
+// One row per query head (GQA: a head's keys are its group's). Each input
+// runs alone (no padding); dout is drawn N(0, 1) from `seed`, v is the
+// layer's own. Rows that see one key (a decoder's first) are left out: a
+// softmax over one key is 1 whatever the score. Throws qkv::Error on sizes
+// that do not match.
+std::vector<HeadScalingRow> ExplainScalingOnLayer(const LayerProjections& projections,
+                                                  uint64_t seed, int num_threads = 0);
+
 }  // namespace qkv::inspect
 
 #endif  // QKV_INSPECT_SCALING_H_

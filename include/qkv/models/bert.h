@@ -92,11 +92,16 @@ class BertEncoder {
   // (lengths[b] in 1..seq real tokens in row b; ids past it are ignored, and
   // their rows of the result are 0). `weights_out`, when not null, receives
   // each layer's attention weights [batch, heads, seq, seq] (layer-major:
-  // num_layers blocks; 0 outside the real rows and columns).
+  // num_layers blocks; 0 outside the real rows and columns). `qkv_out`, when
+  // not null, receives each layer's projected queries, keys and values of
+  // the real tokens, packed [tokens, 3 * hidden] (row first + t is token t of
+  // row b, rows in batch order; per row q | k | v, each [heads, head_dim];
+  // layer-major): what `qkv explain scaling --model` measures.
   std::vector<float> Forward(std::span<const int32_t> ids, int64_t batch, int64_t seq,
                              std::span<const int64_t> lengths, int num_threads,
                              std::vector<float>* weights_out = nullptr,
-                             EmbedStats* stats = nullptr) const;
+                             EmbedStats* stats = nullptr,
+                             std::vector<float>* qkv_out = nullptr) const;
 
   // Sentence embeddings [texts.size(), hidden], in input order. Texts are
   // tokenised, sorted by token count (as sentence-transformers does, so a

@@ -102,13 +102,30 @@ struct ForwardInfo {
   double attention_seconds = 0;  // time inside the attention kernels
 };
 
+// What a forward pass hands out for inspection (`qkv logits --attn-weights`,
+// `qkv explain scaling --model`; docs/inspect.md). Only for a prefill of an
+// empty float32 contiguous or paged cache, where the chunk's keys are all
+// the keys; LlamaForward throws qkv::Error otherwise. Per layer:
+//   weights  [num_q_heads, n, n]: softmax(scale Q.K^T), causal (0 above the
+//            diagonal). Asking for them runs attention on the reference
+//            kernel (the only one that writes weights) instead of flash, and
+//            ForwardInfo says so; logits then differ from a plain run in the
+//            last bits (summation order), never by more than rounding.
+//   q        [n, num_q_heads, head_dim], k and v [n, num_kv_heads, head_dim]:
+//            the projections attention sees (q and k after RoPE).
+struct LlamaProbe {
+  bool want_weights = false, want_qkv = false;
+  std::vector<std::vector<float>> weights, q, k, v;  // [layer][...], filled by LlamaForward
+};
+
 // Runs `tokens` through the model as the next tokens of sequence `seq` of
 // `cache` and writes logits [n, vocab] (kAll), [1, vocab] (kLast) or nothing
 // into `logits` (resized). Throws qkv::Error on a token id out of range or a
 // cache error (full, exhausted) before anything is appended to any layer.
+// `probe`, when not null, is filled as described above.
 ForwardInfo LlamaForward(const LlamaModel& model, LlamaCache& cache, int64_t seq,
                          std::span<const int32_t> tokens, Logits mode, std::vector<float>& logits,
-                         int num_threads = 0);
+                         int num_threads = 0, LlamaProbe* probe = nullptr);
 
 }  // namespace qkv::models
 
