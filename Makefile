@@ -9,16 +9,18 @@
 # Also: make build, make test-asan (AddressSanitizer + UBSan), make bench,
 #       make test-hardening (the suite under ASan + UBSan and 60 s per fuzz
 #       target, one clang build; .ci/run runs it after make test),
-#       make fuzz FUZZ_SECONDS=N (libFuzzer targets in fuzz/, N seconds each).
+#       make fuzz FUZZ_SECONDS=N (libFuzzer targets in fuzz/, N seconds each),
+#       make install [PREFIX=/usr/local] (build, then the CLI, headers, library,
+#       CMake package and qkv.pc into PREFIX).
 SHELL := /bin/bash
 JOBS ?= $(shell nproc)
 # Debian packages the build and tests need (g++ 12, CMake and GoogleTest come
 # with the machine; checked anyway so a bare Debian 12 works too).
 PACKAGES := g++ cmake make pkg-config libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libhwy-dev \
-  libopenblas-openmp-dev libutf8proc-dev libpng-dev libpcre2-dev python3-venv python3-dev python3-numpy python3-torch
+  libopenblas-openmp-dev libutf8proc-dev libpng-dev libpcre2-dev chromium python3-venv python3-dev python3-numpy python3-torch
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps build models demo test test-asan test-hardening python python-test bench bench-deps fuzz fuzz-run fuzz-deps fuzz-build clean
+.PHONY: deps build models demo test test-asan test-hardening python python-test bench bench-deps fuzz fuzz-run fuzz-deps fuzz-build install clean
 
 deps:
 	@missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -34,6 +36,14 @@ build: deps
 
 demo: build
 	./build/release/qkv demo
+
+# `cmake --install` of build/release (issue 18): bin/qkv, include/qkv/,
+# lib/libqkv.a, lib/cmake/qkv (find_package(qkv), target qkv::qkv) and
+# lib/pkgconfig/qkv.pc under PREFIX. Run as root (or with sudo) for /usr/local.
+PREFIX ?= /usr/local
+
+install: build
+	cmake --install build/release --prefix $(PREFIX)
 
 test: build models
 	ctest --preset release -j$(JOBS)

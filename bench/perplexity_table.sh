@@ -9,9 +9,9 @@ QKV=${1:-build/release/qkv}
 MODEL=${2:-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 TEXT=/usr/share/common-licenses/GPL-3
 for args in "" "--cache-dtype f16" "--cache-dtype bf16" "--cache-dtype i8" \
-    "--cache paged --cache-dtype i8" "--cache sliding --window 256" \
-    "--cache sinks --window 252 --sinks 4" "--cache sliding --window 64" \
-    "--cache sinks --window 60 --sinks 4"; do
+    "--cache paged --cache-dtype i8" "--cache sliding --cache-window 256" \
+    "--cache sinks --cache-window 252 --sinks 4" "--cache sliding --cache-window 64" \
+    "--cache sinks --cache-window 60 --sinks 4"; do
   # shellcheck disable=SC2086
   "$QKV" perplexity --model "$MODEL" --input "$TEXT" --context 512 --chunks 8 --threads 1 $args
 done

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "commands.h"
 #include "common.h"
 #include "qkv/error.h"
@@ -19,6 +21,25 @@ namespace {
 
 // Returns the first line of `text` (CLI11 messages can span lines).
 std::string FirstLine(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+// `qkv --list-flags` (not in --help): one JSON line per flag of every
+// command, {"command", "flag", "help", "default", "takes_value"}, for the
+// flag-consistency test (tests/cli_flags_test.cc) and completion scripts.
+void ListFlags(CLI::App& app, const std::string& prefix, std::FILE* out) {
+  for (CLI::App* sub : app.get_subcommands({})) {
+    const std::string command = prefix.empty() ? sub->get_name() : prefix + " " + sub->get_name();
+    for (const CLI::Option* o : sub->get_options()) {
+      if (o->get_lnames().empty() || o->get_lnames().front().rfind("help", 0) == 0) continue;
+      const nlohmann::json line = {{"command", command},
+                                   {"flag", "--" + o->get_lnames().front()},
+                                   {"help", o->get_description()},
+                                   {"default", o->get_default_str()},
+                                   {"takes_value", o->get_expected_max() > 0}};
+      std::fprintf(out, "%s\n", line.dump().c_str());
+    }
+    ListFlags(*sub, command, out);
+  }
+}
 
 }  // namespace
 
@@ -35,16 +56,20 @@ int RunCommandLine(int argc, char** argv, std::FILE* err,
       AddMhaCommand(app),        AddDecodeCommand(app),   AddMemoryCommand(app),
       AddEmbedCommand(app),      AddTokenizeCommand(app), AddPatternsCommand(app),
       AddExplainCommand(app),    AddHeatmapCommand(app),  AddGenerateCommand(app),
-      AddLogitsCommand(app),     AddPerplexityCommand(app),
+      AddLogitsCommand(app),     AddPerplexityCommand(app), AddReportCommand(app),
   };
   const std::vector<CLI::App*> all = app.get_subcommands({});  // in the order added
   if (adjust) adjust(app);
+  if (argc == 2 && std::string(argv[1]) == "--list-flags") {
+    ListFlags(app, "", stdout);
+    return FinishStdout(0);
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
     if (argc > 1 && argv[1][0] != '-' && app.get_subcommands().empty()) {
-      std::fprintf(err, "qkv: unknown command '%s' (expected attend, backward, demo, bench, decode, memory, mha, positions, classic, embed, tokenize, generate, logits, perplexity, patterns, explain or heatmap; see qkv --help)\n",
+      std::fprintf(err, "qkv: unknown command '%s' (expected attend, backward, demo, bench, decode, memory, mha, positions, classic, embed, tokenize, generate, logits, perplexity, patterns, explain, heatmap or report; see qkv --help)\n",
                    Printable(argv[1]).c_str());
       return 2;
     }

@@ -36,7 +36,7 @@ int RunAttend(const AttendFlags& f) {
   CheckThreadsFlag(f.threads);
   CheckOutputPaths({{"--q", f.q}, {"--k", f.k}, {"--v", f.v}, {"--mask", f.mask},
                     {"--key-lengths", f.key_lengths}},
-                   {{"--out", f.out}, {"--weights", f.weights}, {"--lse", f.lse}});
+                   {{"--out", f.out}, {"--attn-weights", f.weights}, {"--lse", f.lse}});
 
   Input q, k, v;
   if (random) {
@@ -75,7 +75,7 @@ int RunAttend(const AttendFlags& f) {
   const double out_elems = 1.0 * batch * heads * seq_q * head_dim_v;
   const double weight_elems = f.weights.empty() ? 0.0 : 1.0 * batch * heads * seq_q * seq_kv;
   const double lse_elems = f.lse.empty() ? 0.0 : 1.0 * batch * heads * seq_q;
-  CheckFitsInMemory(std::string("the outputs (--out") + (f.weights.empty() ? "" : ", --weights") +
+  CheckFitsInMemory(std::string("the outputs (--out") + (f.weights.empty() ? "" : ", --attn-weights") +
                         (f.lse.empty() ? "" : ", --lse") + ")",
                     out_elems * DTypeSize(out_dtype) +
                         DTypeSize(stat_dtype) * (weight_elems + lse_elems));
@@ -142,7 +142,7 @@ Runner AddAttendCommand(CLI::App& app) {
   cmd->add_option("--k", f.k, "Keys .npy, [B,Hkv,Nk,Dk] or [B,Nk,Hkv,Dk]; Hkv divides H (GQA/MQA)");
   cmd->add_option("--v", f.v, "Values .npy, [B,Hkv,Nk,Dv] or [B,Nk,Hkv,Dv]");
   cmd->add_option("--out", f.out, "Output .npy in Q's layout and dtype, [B,H,Nq,Dv] or [B,Nq,H,Dv]");
-  cmd->add_option("--weights", f.weights, "Write attention weights .npy, float32 [B,H,Nq,Nk]");
+  cmd->add_option("--attn-weights", f.weights, "Write attention weights .npy, float32 [B,H,Nq,Nk]");
   cmd->add_option("--lse", f.lse, "Write log-sum-exp of each row .npy, float32 [B,H,Nq]");
   AddAttentionFlags(cmd, f, "Q, K, V and the output");
   return [flags] { return RunAttend(*flags); };

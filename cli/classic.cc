@@ -91,23 +91,23 @@ int RunClassic(const ClassicFlags& f) {
   }
   const std::pair<const std::string*, bool> weight_flags[] = {
       {&f.w1, sf->w1}, {&f.w2, sf->w2}, {&f.v, sf->v}, {&f.w, sf->w}};
-  const char* weight_names[] = {"--w1", "--w2", "--v", "--w"};
+  const char* weight_names[] = {"--w1", "--w2", "--va", "--w"};
   for (int i = 0; i < 4; ++i) {
     const bool given = !weight_flags[i].first->empty();
     if (given != weight_flags[i].second) {
       throw Error(std::string(weight_names[i]) + (given ? ": not used by" : ": required by") +
                   " --score " + sf->name + " (expected " +
-                  (sf->score == ClassicScore::kBahdanau  ? "--w1, --w2 and --v"
+                  (sf->score == ClassicScore::kBahdanau  ? "--w1, --w2 and --va"
                    : sf->score == ClassicScore::kDot     ? "no weights"
                    : sf->score == ClassicScore::kGeneral ? "--w only"
-                                                         : "--w and --v") +
+                                                         : "--w and --va") +
                   ")");
     }
   }
 
   CheckOutputPaths({{"--state", f.state}, {"--encoder", f.encoder}, {"--w1", f.w1},
-                    {"--w2", f.w2}, {"--v", f.v}, {"--w", f.w}, {"--mask", f.mask}},
-                   {{"--context", f.context}, {"--weights", f.weights}, {"--scores", f.scores}});
+                    {"--w2", f.w2}, {"--va", f.v}, {"--w", f.w}, {"--mask", f.mask}},
+                   {{"--out", f.context}, {"--attn-weights", f.weights}, {"--scores", f.scores}});
 
   const Input state = Load(f.state, "--state", 1, "1 dim, [dec_dim]");
   const Input encoder = Load(f.encoder, "--encoder", 2, "2 dims, [seq_kv, enc_dim]");
@@ -125,7 +125,7 @@ int RunClassic(const ClassicFlags& f) {
   CheckFitsInMemory("--encoder " + f.encoder + " (seq_kv " + std::to_string(seq_kv) + ")",
                     4.0 * (enc_dim + 2.0 * seq_kv) + 8.0 * (2.0 * seq_kv + enc_dim));
   const std::string dec = std::to_string(dec_dim), enc = std::to_string(enc_dim);
-  const Input v = Load(f.v, "--v", 1, "1 dim, [attn_dim]");
+  const Input v = Load(f.v, "--va", 1, "1 dim, [attn_dim]");
   const int64_t attn_dim = v.shape.empty() ? 0 : v.shape[0];
   const std::string attn = std::to_string(attn_dim);
   const Input w1 = Load(f.w1, "--w1", 2, "2 dims, [attn_dim, dec_dim]");
@@ -140,9 +140,9 @@ int RunClassic(const ClassicFlags& f) {
   }
   if (sf->w1) {
     CheckShape(w1, "--w1", f.w1, {attn_dim, dec_dim},
-               "[attn_dim, dec_dim] = [" + attn + ", " + dec + "] from --v and --state");
+               "[attn_dim, dec_dim] = [" + attn + ", " + dec + "] from --va and --state");
     CheckShape(w2, "--w2", f.w2, {attn_dim, enc_dim},
-               "[attn_dim, enc_dim] = [" + attn + ", " + enc + "] from --v and --encoder");
+               "[attn_dim, enc_dim] = [" + attn + ", " + enc + "] from --va and --encoder");
   }
   if (sf->score == ClassicScore::kGeneral) {
     CheckShape(w, "--w", f.w, {dec_dim, enc_dim},
@@ -151,7 +151,7 @@ int RunClassic(const ClassicFlags& f) {
   if (sf->score == ClassicScore::kConcat) {
     CheckShape(w, "--w", f.w, {attn_dim, dec_dim + enc_dim},
                "[attn_dim, dec_dim + enc_dim] = [" + attn + ", " +
-                   std::to_string(dec_dim + enc_dim) + "] from --v, --state and --encoder");
+                   std::to_string(dec_dim + enc_dim) + "] from --va, --state and --encoder");
   }
   NpyArray mask;
   if (!f.mask.empty()) {
@@ -200,13 +200,13 @@ Runner AddClassicCommand(CLI::App& app) {
   cmd->add_option("--encoder", f.encoder, "Encoder states h .npy, [seq_kv, enc_dim]")->required();
   cmd->add_option("--w1", f.w1, "bahdanau: W1 .npy [attn_dim, dec_dim]");
   cmd->add_option("--w2", f.w2, "bahdanau: W2 .npy [attn_dim, enc_dim]");
-  cmd->add_option("--v", f.v, "bahdanau, concat: v .npy [attn_dim]");
+  cmd->add_option("--va", f.v, "bahdanau, concat: the score vector v_a .npy [attn_dim]");
   cmd->add_option("--w", f.w,
                   "general: W .npy [dec_dim, enc_dim]; concat: [attn_dim, dec_dim + enc_dim]");
   cmd->add_option("--mask", f.mask, "Source mask .npy, bool [seq_kv], true = attend");
-  cmd->add_option("--context", f.context, "Output context vector .npy, float32 [enc_dim]")
+  cmd->add_option("--out", f.context, "Output context vector .npy, float32 [enc_dim]")
       ->required();
-  cmd->add_option("--weights", f.weights, "Write the weights alpha .npy, float32 [seq_kv]");
+  cmd->add_option("--attn-weights", f.weights, "Write the weights alpha .npy, float32 [seq_kv]");
   cmd->add_option("--scores", f.scores, "Write the scores e .npy, float32 [seq_kv] (-inf masked)");
   return [flags] { return RunClassic(*flags); };
 }

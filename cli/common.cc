@@ -344,7 +344,7 @@ void OutputSet::Commit() {
     if (lstat(e.path.c_str(), &st) != 0 || S_ISLNK(st.st_mode)) continue;
     if (S_ISREG(st.st_mode)) {
       // Outputs are .npy files: replacing an existing file of another kind
-      // (a model.safetensors given to attend's --weights, meant for mha's)
+      // (a model.safetensors given to attend's --attn-weights, meant for mha's --params)
       // is refused. An empty file may be replaced.
       const std::string magic = e.is_text ? e.replaceable_prefix : std::string("\x93NUMPY");
       std::string head(magic.size(), '\0');
@@ -412,6 +412,53 @@ void OutputSet::Commit() {
     remove_temps();
     throw;
   }
+}
+
+void CheckAttnDirFlag(const std::string& dir) {
+  struct stat st {};
+  if (!dir.empty() && stat(dir.c_str(), &st) == 0 && !S_ISDIR(st.st_mode)) {
+    throw Error("--attn-weights: " + Printable(dir) + " exists and is not a directory " +
+                "(expected a folder for layer{L}.npy and tokens.json)");
+  }
+}
+
+void CommitWithAttnDir(OutputSet& out, const std::string& dir) {
+  bool made_dir = false;
+  if (!dir.empty()) {
+    if (mkdir(dir.c_str(), 0777) == 0) {
+      made_dir = true;
+    } else if (errno != EEXIST) {
+      throw Error("--attn-weights: " + Printable(dir) + ": cannot create: " + std::strerror(errno) +
+                  " (expected a writable folder path)");
+    }
+  }
+  try {
+    out.Commit();
+  } catch (...) {
+    if (made_dir) rmdir(dir.c_str());
+    throw;
+  }
+}
+
+// The lines of --input (a final newline ends the last line; a "\r" before
+// "\n" is dropped, so CRLF files read as their lines).
+std::vector<std::string> ReadInputLines(const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    throw Error("--input: " + path + " is not a readable regular file (expected a text file, " +
+                "one input per line)");
+  }
+  CheckFitsInMemory("--input " + path, 3.0 * static_cast<double>(st.st_size));
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("--input: " + path + ": cannot open (expected a readable text file)");
+  std::vector<std::string> lines;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    lines.push_back(std::move(line));
+  }
+  if (in.bad()) throw Error("--input: " + path + ": read error (expected a readable text file)");
+  return lines;
 }
 
 }  // namespace qkv::cli

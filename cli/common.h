@@ -96,6 +96,17 @@ class OutputSet {
   std::vector<Entry> entries_;
 };
 
+// The lines of --input PATH, one input per line (a final newline ends the
+// last line; a "\r" before "\n" is dropped, so CRLF files read as their lines).
+std::vector<std::string> ReadInputLines(const std::string& path);
+
+// `--attn-weights DIR` (qkv embed, qkv logits: layer{L}.npy and tokens.json,
+// docs/inspect.md). Throws qkv::Error when DIR exists and is not a folder.
+void CheckAttnDirFlag(const std::string& dir);
+// Creates DIR when missing, then commits `out` (which holds DIR's files); if
+// the commit fails, a DIR it created is removed again.
+void CommitWithAttnDir(OutputSet& out, const std::string& dir);
+
 }  // namespace qkv::cli
 
 #endif  // QKV_CLI_COMMON_H_

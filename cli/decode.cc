@@ -77,7 +77,7 @@ std::vector<float> Random(int64_t n, std::mt19937_64& rng) {
 // allocates, before allocating any: the cache, the float32 K and V staging of
 // the prompt (both alive while it is appended), q and out, and the decode
 // kernel's partial results. `bench` names --cache-len (qkv bench --decode)
-// instead of --prompt / --generate.
+// instead of --prompt-tokens / --generate.
 void CheckFlags(const DecodeFlags& f, bool bench) {
   CheckDimFlag("--heads", f.heads, 1);
   CheckDimFlag("--kv-heads", f.kv_heads, 1);
@@ -93,10 +93,10 @@ void CheckFlags(const DecodeFlags& f, bool bench) {
   if (bench) {
     CheckDimFlag("--cache-len", f.prompt, 1);
   } else {
-    CheckDimFlag("--prompt", f.prompt, 0);
+    CheckDimFlag("--prompt-tokens", f.prompt, 0);
     CheckDimFlag("--generate", f.generate, 1);
     if (f.prompt + f.generate > internal::kMaxDim) {
-      throw Error("--prompt + --generate: " + std::to_string(f.prompt + f.generate) +
+      throw Error("--prompt-tokens + --generate: " + std::to_string(f.prompt + f.generate) +
                   " tokens (expected at most 2^31 - 1)");
     }
   }
@@ -107,7 +107,7 @@ void CheckFlags(const DecodeFlags& f, bool bench) {
                   std::to_string(min) + " to 2^31 - 1)");
     }
   };
-  if (f.cache == "sliding" || f.cache == "sinks") check_cache("--window", f.window, 1, "window");
+  if (f.cache == "sliding" || f.cache == "sinks") check_cache("--cache-window", f.window, 1, "window");
   if (f.cache == "sinks") check_cache("--sinks", f.sinks, 0, "num_sinks");
   if (f.cache == "paged") check_cache("--block-size", f.block_size, 1, "block_size");
   const double tokens = static_cast<double>(f.prompt + f.generate);
@@ -124,7 +124,7 @@ void CheckFlags(const DecodeFlags& f, bool bench) {
   const double q_out = 2.0 * 4.0 * static_cast<double>(f.heads) * dim;
   const double partials =
       4.0 * static_cast<double>(f.heads) * (dim + 2.0) * (std::ceil(tokens / 2048.0) + 1.0);
-  CheckFitsInMemory(std::string(bench ? "--cache-len" : "--prompt + --generate") +
+  CheckFitsInMemory(std::string(bench ? "--cache-len" : "--prompt-tokens + --generate") +
                         " with --heads, --kv-heads, --head-dim and --cache-dtype (the KV cache " +
                         HumanBytes(cache) + ", its float32 staging " + HumanBytes(staging) + ")",
                     cache + staging + q_out + partials);
@@ -264,7 +264,8 @@ void AddCacheFlags(CLI::App* cmd, DecodeFlags& f) {
   cmd->add_option("--heads", f.heads, "Query heads")->capture_default_str();
   cmd->add_option("--kv-heads", f.kv_heads, "KV heads (dividing --heads)")->capture_default_str();
   cmd->add_option("--head-dim", f.head_dim, "Head dim")->capture_default_str();
-  cmd->add_option("--window", f.window, "sliding / sinks: recent tokens kept")->capture_default_str();
+  cmd->add_option("--cache-window", f.window, "sliding / sinks cache: recent tokens kept")
+      ->capture_default_str();
   cmd->add_option("--sinks", f.sinks, "sinks: first tokens kept")->capture_default_str();
   cmd->add_option("--block-size", f.block_size, "paged: tokens per block")->capture_default_str();
   cmd->add_option("--threads", f.threads, "Threads (0 = all cores)")->capture_default_str();
@@ -277,7 +278,8 @@ Runner AddDecodeCommand(CLI::App& app) {
   DecodeFlags& f = *flags;
   CLI::App* cmd = app.add_subcommand(
       "decode", "Generation-shaped decode workload on random data: time per token, bandwidth");
-  cmd->add_option("--prompt", f.prompt, "Prompt tokens appended first")->capture_default_str();
+  cmd->add_option("--prompt-tokens", f.prompt, "Prompt tokens appended first (random)")
+      ->capture_default_str();
   cmd->add_option("--generate", f.generate, "Tokens generated one at a time")->capture_default_str();
   AddCacheFlags(cmd, f);
   return [flags] { return RunDecode(*flags); };

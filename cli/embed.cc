@@ -19,6 +19,7 @@
 
 #include "commands.h"
 #include "common.h"
+#include "model_flags.h"
 #include "qkv/error.h"
 #include "qkv/gguf.h"
 #include "qkv/models/bert.h"
@@ -44,8 +45,10 @@ void CheckModelDir(const std::string& dir) {
   }
 }
 
+}  // namespace
+
 // Loads the model; errors name --model.
-models::BertEncoder LoadModel(const std::string& dir) {
+models::BertEncoder LoadBertModel(const std::string& dir) {
   CheckModelDir(dir);
   try {
     return models::BertEncoder::Load(dir);
@@ -54,26 +57,7 @@ models::BertEncoder LoadModel(const std::string& dir) {
   }
 }
 
-// The lines of --input (a final newline ends the last line; a "\r" before
-// "\n" is dropped, so CRLF files read as their lines).
-std::vector<std::string> ReadLines(const std::string& path) {
-  struct stat st {};
-  if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
-    throw Error("--input: " + path + " is not a readable regular file (expected a text file, " +
-                "one input per line)");
-  }
-  CheckFitsInMemory("--input " + path, 3.0 * static_cast<double>(st.st_size));
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("--input: " + path + ": cannot open (expected a readable text file)");
-  std::vector<std::string> lines;
-  std::string line;
-  while (std::getline(in, line)) {
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    lines.push_back(std::move(line));
-  }
-  if (in.bad()) throw Error("--input: " + path + ": read error (expected a readable text file)");
-  return lines;
-}
+namespace {
 
 int RunEmbed(const EmbedFlags& f) {
   using Clock = std::chrono::steady_clock;
@@ -88,15 +72,9 @@ int RunEmbed(const EmbedFlags& f) {
   CheckThreadsFlag(f.threads);
   std::vector<FlagPath> outputs{{"--out", f.out}};
   CheckOutputPaths({{"--input", f.input}}, outputs);
-  if (!f.attn_weights.empty()) {
-    struct stat st {};
-    if (stat(f.attn_weights.c_str(), &st) == 0 && !S_ISDIR(st.st_mode)) {
-      throw Error("--attn-weights: " + f.attn_weights + " exists and is not a directory " +
-                  "(expected a folder for layer{L}.npy and tokens.json)");
-    }
-  }
-  const std::vector<std::string> texts = f.input.empty() ? f.texts : ReadLines(f.input);
-  const models::BertEncoder model = LoadModel(f.model);
+  CheckAttnDirFlag(f.attn_weights);
+  const std::vector<std::string> texts = f.input.empty() ? f.texts : ReadInputLines(f.input);
+  const models::BertEncoder model = LoadBertModel(f.model);
   const models::BertConfig& c = model.config();
   // Throughput is timed from here, as sentence-transformers' encode() is.
   const auto loaded = Clock::now();
@@ -177,26 +155,14 @@ int RunEmbed(const EmbedFlags& f) {
 
   OutputSet out;
   out.Add(f.out, DType::kFloat32, {n, c.hidden_size}, emb.data());
-  bool made_dir = false;
   if (!f.attn_weights.empty()) {
     for (int64_t l = 0; l < c.num_layers; ++l) {
       out.Add(f.attn_weights + "/layer" + std::to_string(l) + ".npy", DType::kFloat32,
               {n, c.num_heads, seq_max, seq_max}, weights[static_cast<size_t>(l)].data());
     }
     out.AddText(f.attn_weights + "/tokens.json", nlohmann::json(pieces).dump() + "\n", "[");
-    if (mkdir(f.attn_weights.c_str(), 0777) == 0) {
-      made_dir = true;
-    } else if (errno != EEXIST) {
-      throw Error("--attn-weights: " + f.attn_weights + ": cannot create: " + std::strerror(errno) +
-                  " (expected a writable folder path)");
-    }
   }
-  try {
-    out.Commit();
-  } catch (...) {
-    if (made_dir) rmdir(f.attn_weights.c_str());
-    throw;
-  }
+  CommitWithAttnDir(out, f.attn_weights);
   const double total = std::chrono::duration<double>(Clock::now() - loaded).count();
   // What ran: the BLAS kernel (a slow one is named), GELU's erf, attention.
   const std::string attention =
@@ -291,8 +257,8 @@ Runner AddEmbedCommand(CLI::App& app) {
   cmd->add_option("--threads", f.threads, "Threads (0 = all cores); results never depend on it")
       ->capture_default_str();
   cmd->add_option("--attn-weights", f.attn_weights,
-                  "Folder for each layer's attention weights layer{L}.npy [inputs, heads, seq, "
-                  "seq] and tokens.json (runs the reference attention kernel)");
+                  "Write each layer's attention weights into this folder: layer{L}.npy [inputs, "
+                  "heads, seq, seq] and tokens.json (runs the reference attention kernel)");
   return [flags] { return RunEmbed(*flags); };
 }
 

@@ -8,7 +8,7 @@
 //   perplexity  exp(mean negative log-likelihood) over a text file, in
 //               independent chunks of --context tokens
 // The cache flags are those of `qkv decode`: --cache contiguous|sliding|
-// sinks|paged, --cache-dtype f32|f16|bf16|i8, --window, --sinks, --block-size.
+// sinks|paged, --cache-dtype f32|f16|bf16|i8, --cache-window, --sinks, --block-size.
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -21,8 +21,11 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "commands.h"
 #include "common.h"
+#include "model_flags.h"
 #include "io/file_util.h"
 #include "qkv/error.h"
 #include "qkv/models/bpe_tokenizer.h"
@@ -50,7 +53,8 @@ void AddModelCacheFlags(CLI::App* cmd, std::string& model, CacheFlags& f) {
   cmd->add_option("--cache-dtype", f.cache_dtype, "KV cache storage dtype")
       ->check(CLI::IsMember({"f32", "f16", "bf16", "i8"}))
       ->capture_default_str();
-  cmd->add_option("--window", f.window, "sliding / sinks: recent tokens kept")->capture_default_str();
+  cmd->add_option("--cache-window", f.window, "sliding / sinks cache: recent tokens kept")
+      ->capture_default_str();
   cmd->add_option("--sinks", f.sinks, "sinks: first tokens kept")->capture_default_str();
   cmd->add_option("--block-size", f.block_size, "paged: tokens per block")->capture_default_str();
   cmd->add_option("--threads", f.threads, "Threads (0 = all cores); results never depend on it")
@@ -63,7 +67,7 @@ KvCacheConfig MakeCacheConfig(const CacheFlags& f, int64_t tokens) {
   KvCacheConfig c;
   c.dtype = CacheDType(f.cache_dtype);
   if (f.cache == "sliding" || f.cache == "sinks") {
-    CheckDimFlag("--window", f.window, 1);
+    CheckDimFlag("--cache-window", f.window, 1);
     c.kind = f.cache == "sliding" ? CacheKind::kSliding : CacheKind::kSinks;
     c.window = f.window;
     if (f.cache == "sinks") {
@@ -88,21 +92,9 @@ std::string DescribeCache(const CacheFlags& f) {
   return s;
 }
 
-// The model and its tokenizer; every error names --model.
-struct Loaded {
-  models::LlamaModel model;
-  models::BpeTokenizer tokenizer;
-};
+using Loaded = LoadedLlama;
 
-Loaded Load(const std::string& path) {
-  try {
-    models::LlamaModel model = models::LlamaModel::Load(path);
-    models::BpeTokenizer tokenizer = models::BpeTokenizer::FromGguf(model.file());
-    return Loaded{std::move(model), std::move(tokenizer)};
-  } catch (const Error& e) {
-    throw Error("--model: " + std::string(e.what()));
-  }
-}
+Loaded Load(const std::string& path) { return LoadLlamaModel(path); }
 
 std::vector<int32_t> Tokenize(const models::BpeTokenizer& tok, const std::string& text,
                               const char* flag) {
@@ -241,7 +233,7 @@ int RunGenerate(const GenerateFlags& f) {
 }
 
 struct LogitsFlags {
-  std::string model, prompt, out, tokens_out;
+  std::string model, prompt, out, tokens_out, attn_weights;
   bool chat = false;
   CacheFlags cache;
 };
@@ -249,21 +241,50 @@ struct LogitsFlags {
 int RunLogits(const LogitsFlags& f) {
   CheckOutputPaths({{"--model", f.model}}, {{"--out", f.out}, {"--tokens-out", f.tokens_out}});
   MakeCacheConfig(f.cache, 1);
+  CheckAttnDirFlag(f.attn_weights);
+  const bool want_weights = !f.attn_weights.empty();
+  if (want_weights && (f.cache.cache_dtype != "f32" ||
+                       (f.cache.cache != "contiguous" && f.cache.cache != "paged"))) {
+    throw Error("--attn-weights: needs --cache contiguous or paged with --cache-dtype f32 (the "
+                "weights come from the prefill, which other caches run token by token)");
+  }
   Loaded loaded = Load(f.model);
   const models::LlamaConfig& c = loaded.model.config();
   const std::string text = f.chat ? loaded.tokenizer.ApplyChatTemplate(f.prompt) : f.prompt;
   const std::vector<int32_t> ids = Tokenize(loaded.tokenizer, text, "--prompt");
   const int64_t n = static_cast<int64_t>(ids.size());
-  CheckFitsInMemory("logits for " + std::to_string(n) + " tokens",
-                    4.0 * static_cast<double>(n) * static_cast<double>(c.vocab));
+  const double weight_bytes = want_weights ? 4.0 * c.num_layers * c.num_q_heads * n * n : 0.0;
+  CheckFitsInMemory("logits for " + std::to_string(n) + " tokens" +
+                        (want_weights ? " and --attn-weights" : ""),
+                    4.0 * static_cast<double>(n) * static_cast<double>(c.vocab) + weight_bytes);
   models::LlamaCache cache(c, MakeCacheConfig(f.cache, n));
   const int64_t seq = cache.AddSequence();
   std::vector<float> logits;
-  models::LlamaForward(loaded.model, cache, seq, ids, models::Logits::kAll, logits, f.cache.threads);
+  models::LlamaProbe probe;
+  probe.want_weights = want_weights;
+  const models::ForwardInfo info = models::LlamaForward(
+      loaded.model, cache, seq, ids, models::Logits::kAll, logits, f.cache.threads, &probe);
   OutputSet out;
   out.Add(f.out, DType::kFloat32, {n, c.vocab}, logits.data());
   if (!f.tokens_out.empty()) out.Add(f.tokens_out, DType::kInt32, {n}, ids.data());
-  out.Commit();
+  if (want_weights) {
+    // Layer files as qkv embed writes them: [inputs = 1, heads, seq, seq];
+    // tokens as the text each one stands for (invalid UTF-8 of a token that
+    // ends inside a character becomes U+FFFD).
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      out.Add(f.attn_weights + "/layer" + std::to_string(l) + ".npy", DType::kFloat32,
+              {1, c.num_q_heads, n, n}, probe.weights[static_cast<size_t>(l)].data());
+    }
+    std::vector<std::string> pieces;
+    for (const int32_t id : ids) pieces.push_back(loaded.tokenizer.TokenBytes(id));
+    out.AddText(f.attn_weights + "/tokens.json",
+                nlohmann::json(std::vector<std::vector<std::string>>{pieces})
+                        .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) +
+                    "\n",
+                "[");
+    std::fprintf(stderr, "qkv logits: attention on the %s\n", info.attention_path.c_str());
+  }
+  CommitWithAttnDir(out, f.attn_weights);
   return 0;
 }
 
@@ -325,6 +346,17 @@ int RunPerplexity(const PerplexityFlags& f) {
 
 }  // namespace
 
+LoadedLlama LoadLlamaModel(const std::string& path) {
+  try {
+    models::LlamaModel model = models::LlamaModel::Load(path);
+    models::BpeTokenizer tokenizer = models::BpeTokenizer::FromGguf(model.file());
+    return LoadedLlama{std::move(model), std::move(tokenizer)};
+  } catch (const Error& e) {
+    throw Error("--model: " + std::string(e.what()));
+  }
+}
+
+
 Runner AddGenerateCommand(CLI::App& app) {
   auto flags = std::make_shared<GenerateFlags>();
   GenerateFlags& f = *flags;
@@ -355,6 +387,9 @@ Runner AddLogitsCommand(CLI::App& app) {
   cmd->add_flag("--chat", f.chat, "Wrap --prompt in the model's chat template (ChatML)");
   cmd->add_option("--out", f.out, "Output .npy, float32 [tokens, vocab]")->required();
   cmd->add_option("--tokens-out", f.tokens_out, "Output .npy, int32 [tokens]: the prompt's ids");
+  cmd->add_option("--attn-weights", f.attn_weights,
+                  "Write every layer's attention weights into this folder: layer{L}.npy [1, heads, "
+                  "tokens, tokens] and tokens.json, as qkv embed does (runs the reference kernel)");
   return [flags] { return RunLogits(*flags); };
 }
 

@@ -1,5 +1,5 @@
 // qkv heatmap: pictures of attention weights (.npy from `qkv attend
-// --weights`, `qkv mha --attn-weights`, or a layer of `qkv embed
+// --attn-weights`, `qkv mha --attn-weights`, or a layer of `qkv embed
 // --attn-weights`), as PNG, SVG or in the terminal (docs/inspect.md).
 #include "qkv/inspect/heatmap.h"
 
@@ -43,7 +43,7 @@ std::vector<std::string> ReadTokens(const std::string& path, int64_t batch) {
   if (j.is_array() && !j.empty() && j[0].is_array()) {
     if (batch >= static_cast<int64_t>(j.size())) {
       throw Error("--tokens: " + path + " has " + std::to_string(j.size()) +
-                  " token lists (expected one for --batch " + std::to_string(batch) + ")");
+                  " token lists (expected one for --batch-index " + std::to_string(batch) + ")");
     }
     j = j[static_cast<size_t>(batch)];
   }
@@ -70,16 +70,16 @@ int RunHeatmap(const HeatmapFlags& f) {
   if (!f.out.empty() && !EndsWith(f.out, ".png") && !EndsWith(f.out, ".svg")) {
     throw Error("--out: " + f.out + " (expected a path ending in .png or .svg)");
   }
-  CheckOutputPaths({{"--weights", f.weights}, {"--tokens", f.tokens}}, {{"--out", f.out}});
+  CheckOutputPaths({{"--attn-weights", f.weights}, {"--tokens", f.tokens}}, {{"--out", f.out}});
   NpyArray a;
   try {
     a = ReadNpy(f.weights);
   } catch (const Error& e) {
-    throw Error("--weights: " + std::string(e.what()));
+    throw Error("--attn-weights: " + std::string(e.what()));
   }
   if (a.shape.size() < 2 || a.shape.size() > 4 ||
       (a.dtype != DType::kFloat32 && a.dtype != DType::kFloat64)) {
-    throw Error("--weights: " + f.weights + " is " + DTypeName(a.dtype) + " " +
+    throw Error("--attn-weights: " + f.weights + " is " + DTypeName(a.dtype) + " " +
                 NpyShapeString(a.shape) +
                 " (expected float32 or float64 [inputs, heads, seq_q, seq_kv], [heads, seq_q, "
                 "seq_kv] or [seq_q, seq_kv])");
@@ -88,20 +88,20 @@ int RunHeatmap(const HeatmapFlags& f) {
   while (shape.size() < 4) shape.insert(shape.begin(), 1);
   const int64_t n = shape[0], heads = shape[1], rows = shape[2], cols = shape[3];
   if (rows < 1 || cols < 1 || rows > 4096 || cols > 4096) {
-    throw Error("--weights: " + f.weights + " has shape " + NpyShapeString(a.shape) +
+    throw Error("--attn-weights: " + f.weights + " has shape " + NpyShapeString(a.shape) +
                 " (expected seq_q and seq_kv in 1..4096 for a picture)");
   }
   if (f.batch < 0 || f.batch >= n) {
-    throw Error("--batch: " + std::to_string(f.batch) + " (expected 0.." + std::to_string(n - 1) +
-                ", the inputs in --weights)");
+    throw Error("--batch-index: " + std::to_string(f.batch) + " (expected 0.." + std::to_string(n - 1) +
+                ", the inputs in --attn-weights)");
   }
   std::vector<int64_t> chosen;
   if (f.heads == "all") {
     for (int64_t h = 0; h < heads; ++h) chosen.push_back(h);
   } else {
-    for (const int64_t h : ParseIntList(f.heads, 0, "--heads", true)) {
+    for (const int64_t h : ParseIntList(f.heads, 0, "--which-heads", true)) {
       if (h >= heads) {
-        throw Error("--heads: " + std::to_string(h) + " (expected 'all' or heads in 0.." +
+        throw Error("--which-heads: " + std::to_string(h) + " (expected 'all' or heads in 0.." +
                     std::to_string(heads - 1) + ")");
       }
       chosen.push_back(h);
@@ -121,7 +121,7 @@ int RunHeatmap(const HeatmapFlags& f) {
     map.row_labels = map.col_labels = tokens;
   }
   const double pixels = static_cast<double>(chosen.size()) * map.rows * map.cols;
-  CheckFitsInMemory("--weights " + f.weights + ": the picture", 24.0 * 24.0 * 3.0 * pixels);
+  CheckFitsInMemory("--attn-weights " + f.weights + ": the picture", 24.0 * 24.0 * 3.0 * pixels);
   for (const int64_t h : chosen) {
     std::vector<float> w(static_cast<size_t>(map.rows * map.cols));
     for (int64_t i = 0; i < map.rows; ++i) {
@@ -130,7 +130,7 @@ int RunHeatmap(const HeatmapFlags& f) {
         const int64_t at = ((f.batch * heads + h) * rows + i) * cols + j;
         const double x = a.dtype == DType::kFloat32 ? a.data<float>()[at] : a.data<double>()[at];
         if (!(x >= 0.0 && x <= 1.0 + 1e-6)) {
-          throw Error("--weights: " + f.weights + ": head " + std::to_string(h) + ", row " +
+          throw Error("--attn-weights: " + f.weights + ": head " + std::to_string(h) + ", row " +
                       std::to_string(i) + ": weight " + std::to_string(x) +
                       " (expected attention weights in [0, 1])");
         }
@@ -138,7 +138,7 @@ int RunHeatmap(const HeatmapFlags& f) {
         sum += x;
       }
       if (sum > 1.0 + 1e-3) {
-        throw Error("--weights: " + f.weights + ": head " + std::to_string(h) + ", row " +
+        throw Error("--attn-weights: " + f.weights + ": head " + std::to_string(h) + ", row " +
                     std::to_string(i) + " sums to " + std::to_string(sum) +
                     " (expected a probability distribution, at most 1)");
       }
@@ -167,12 +167,12 @@ Runner AddHeatmapCommand(CLI::App& app) {
   HeatmapFlags& f = *flags;
   CLI::App* cmd = app.add_subcommand(
       "heatmap", "Pictures of attention weights: one map per head, PNG, SVG or the terminal");
-  cmd->add_option("--weights", f.weights,
-                  "Weights .npy [inputs, heads, seq_q, seq_kv] (qkv attend --weights, qkv embed "
+  cmd->add_option("--attn-weights", f.weights,
+                  "Attention weights .npy to draw (input), [inputs, heads, seq_q, seq_kv] (qkv attend --attn-weights, qkv embed "
                   "--attn-weights DIR/layer{L}.npy), or [heads, ...] / [seq_q, seq_kv]")
       ->required();
-  cmd->add_option("--batch", f.batch, "Which input to draw")->capture_default_str();
-  cmd->add_option("--heads", f.heads, "Heads to draw: 'all' or a comma-separated list")
+  cmd->add_option("--batch-index", f.batch, "Which input (batch index) to draw")->capture_default_str();
+  cmd->add_option("--which-heads", f.heads, "Heads to draw: 'all' or a comma-separated list")
       ->capture_default_str();
   cmd->add_option("--tokens", f.tokens,
                   "tokens.json (qkv embed --attn-weights): axis labels, and the map cut to the "

@@ -12,7 +12,9 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "common.h"
 #include "qkv/memory_plan.h"
+#include "validate.h"
 
 namespace qkv::cli {
 namespace {
@@ -57,7 +59,10 @@ std::string Gflop(int64_t flops) {
 }
 
 int RunMemory(const MemoryFlags& flags) {
-  const MemoryPlan p = PlanMemory(flags.config);
+  MemoryPlanConfig config = flags.config;
+  CheckThreadsFlag(config.threads);
+  if (config.threads == 0) config.threads = internal::ResolveThreads(0);
+  const MemoryPlan p = PlanMemory(config);
   const MemoryPlanConfig& f = p.config;
   const bool int8 = f.dtype == "i8";
   const int64_t tokens = p.cached_tokens, per_token = p.kv_cache_bytes_per_token;
@@ -127,13 +132,16 @@ Runner AddMemoryCommand(CLI::App& app) {
   cmd->add_option("--heads", f.heads, "Query heads");
   cmd->add_option("--kv-heads", f.kv_heads, "KV heads (default --heads; fewer = GQA/MQA)");
   cmd->add_option("--head-dim", f.head_dim, "Head dim");
-  cmd->add_option("--window", f.window, "Sliding window: cached tokens kept (0 = none)");
+  cmd->add_option("--cache-window", f.window,
+                  "Sliding-window cache: recent tokens kept (0 = no window)");
   cmd->add_option("--seq", f.seq, "Sequence length (tokens)")->required();
   cmd->add_option("--batch", f.batch, "Sequences")->capture_default_str();
-  cmd->add_option("--dtype", f.dtype, "Element type of K/V and scores (i8: cache only)")
+  cmd->add_option("--cache-dtype", f.dtype, "KV cache storage dtype, also the scores' (i8: cache only)")
       ->check(CLI::IsMember({"f32", "f16", "bf16", "i8"}))
       ->capture_default_str();
-  cmd->add_option("--threads", f.threads, "Threads for the flash working set")
+  f.threads = 0;
+  cmd->add_option("--threads", f.threads,
+                  "Threads holding a flash working set (0 = all cores, as everywhere)")
       ->capture_default_str();
   cmd->add_flag("--json", flags->json, "Print the same as one JSON object");
   return [flags] { return RunMemory(*flags); };

@@ -23,7 +23,7 @@ struct MhaFlags {
   std::string query, key, value, weights, prefix, key_padding_mask, attn_mask, out, attn_weights;
   int64_t heads = 0;
   int64_t kv_heads = 0;
-  bool causal = false;
+  bool causal = false, causal_top_left = false;
   bool per_head_weights = false;
   int threads = 0;
 };
@@ -103,7 +103,7 @@ int RunMha(const MhaFlags& f) {
   }
   CheckThreadsFlag(f.threads);
   CheckOutputPaths({{"--query", f.query}, {"--key", f.key}, {"--value", f.value},
-                    {"--weights", f.weights}, {"--key-padding-mask", f.key_padding_mask},
+                    {"--params", f.weights}, {"--key-padding-mask", f.key_padding_mask},
                     {"--attn-mask", f.attn_mask}},
                    {{"--out", f.out}, {"--attn-weights", f.attn_weights}});
   const Input query = LoadInput(f.query, "--query", "[batch, seq_q, embed_dim]");
@@ -144,7 +144,7 @@ int RunMha(const MhaFlags& f) {
   try {
     file.emplace(SafetensorsFile::Read(f.weights));
   } catch (const Error& e) {
-    throw Error("--weights: " + std::string(e.what()));
+    throw Error("--params: " + std::string(e.what()));
   }
   // A query of another embedding size than the weights is the query's
   // mistake as often as the weights': name both, before the shape checks
@@ -153,7 +153,7 @@ int RunMha(const MhaFlags& f) {
     const SafetensorsFile::Tensor* t = file->Find(f.prefix + name);
     if (t != nullptr && t->shape.size() == 2 && t->shape[1] != embed_dim) {
       throw Error("--query: " + f.query + " has embed_dim " + std::to_string(embed_dim) +
-                  ", but --weights " + f.weights + " has " + f.prefix + name + " of shape " +
+                  ", but --params " + f.weights + " has " + f.prefix + name + " of shape " +
                   NpyShapeString(t->shape) + " (expected the query's last dim to be " +
                   std::to_string(t->shape[1]) + ")");
     }
@@ -162,7 +162,7 @@ int RunMha(const MhaFlags& f) {
   try {
     mha.emplace(MultiHeadAttention::FromSafetensors(*file, config, f.prefix));
   } catch (const Error& e) {
-    throw Error("--weights: " + std::string(e.what()));
+    throw Error("--params: " + std::string(e.what()));
   }
 
   MhaParams p;
@@ -170,7 +170,8 @@ int RunMha(const MhaFlags& f) {
   p.key = key.data;
   p.value = value.data;
   p.batch = batch, p.seq_q = seq_q, p.seq_kv = cross ? seq_kv : -1;
-  p.causal = f.causal;
+  p.causal = f.causal || f.causal_top_left;
+  p.causal_alignment = f.causal ? Alignment::kBottomRight : Alignment::kTopLeft;
   p.num_threads = f.threads;
   const std::string nq = std::to_string(seq_q), nk = std::to_string(seq_kv);
   NpyArray kpm, attn;
@@ -228,12 +229,12 @@ Runner AddMhaCommand(CLI::App& app) {
   cmd->add_option("--query", f.query, "Queries .npy [B,Nq,E] (float32/16/64)")->required();
   cmd->add_option("--key", f.key, "Keys .npy [B,Nk,kdim] (default: --query, self-attention)");
   cmd->add_option("--value", f.value, "Values .npy [B,Nk,vdim] (with --key)");
-  cmd->add_option("--weights", f.weights,
-                  "safetensors state_dict: in_proj_weight or q/k/v_proj_weight, in_proj_bias, "
+  cmd->add_option("--params", f.weights,
+                  "Layer parameters (input), a safetensors state_dict: in_proj_weight or q/k/v_proj_weight, in_proj_bias, "
                   "out_proj.weight, out_proj.bias")
       ->required();
   cmd->add_option("--prefix", f.prefix,
-                  "Prefix of the tensor names in --weights, e.g. layers.0.self_attn.");
+                  "Prefix of the tensor names in --params, e.g. layers.0.self_attn.");
   cmd->add_option("--heads", f.heads, "Query heads H; head_dim = E / H")->required();
   cmd->add_option("--kv-heads", f.kv_heads,
                   "Key/value heads G dividing H (GQA; 1 = MQA; default H)");
@@ -242,7 +243,13 @@ Runner AddMhaCommand(CLI::App& app) {
   cmd->add_option("--attn-mask", f.attn_mask,
                   "Mask .npy [Nq,Nk] or [B*H,Nq,Nk]: bool (True = masked OUT, torch MHA) or "
                   "float (added; -inf masks)");
-  cmd->add_flag("--causal", f.causal, "Causal, top-left as torch's is_causal: key j <= query i");
+  // The names and meanings of qkv attend (cli/attention_flags.cc): torch's
+  // is_causal is --causal-top-left; for self-attention both are the same.
+  auto* causal = cmd->add_flag("--causal", f.causal,
+                               "Causal, bottom-right aligned: query i sees keys j <= i + Nk - Nq");
+  auto* top_left = cmd->add_flag("--causal-top-left", f.causal_top_left,
+                                 "Causal, top-left aligned (torch is_causal): j <= i");
+  causal->excludes(top_left);
   cmd->add_option("--out", f.out, "Output .npy, float32 [B,Nq,E]")->required();
   auto* weights = cmd->add_option("--attn-weights", f.attn_weights,
                                   "Write attention weights .npy, float32 [B,Nq,Nk] averaged "

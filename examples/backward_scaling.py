@@ -51,7 +51,7 @@ def main():
                                 "--dv", path("dv.npy")] + extra, check=True)
                 subprocess.run([a.qkv, "attend", "--q", path("q.npy"), "--k", path("k.npy"),
                                 "--v", path("v.npy"), "--out", path("out.npy"),
-                                "--weights", path("w.npy")] + extra, check=True)
+                                "--attn-weights", path("w.npy")] + extra, check=True)
                 ds, dq, w = (np.load(path(x)) for x in ("ds.npy", "dq.npy", "w.npy"))
                 q, k = np.load(path("q.npy"))[0, 0], np.load(path("k.npy"))[0, 0]
                 s = (q.astype(np.float64) @ k.T.astype(np.float64)) * (

@@ -129,8 +129,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         // (run_callback_for_default: default_val then sets the variable.)
         if (CLI::App* decode = app.get_subcommand("decode")) {
           const std::pair<const char*, int> defaults[] = {
-              {"--prompt", 8}, {"--generate", 3}, {"--heads", 4},     {"--kv-heads", 2},
-              {"--head-dim", 16}, {"--window", 6}, {"--block-size", 4}};
+              {"--prompt-tokens", 8}, {"--generate", 3}, {"--heads", 4},     {"--kv-heads", 2},
+              {"--head-dim", 16}, {"--cache-window", 6}, {"--block-size", 4}};
           for (const auto& [name, value] : defaults) {
             decode->get_option(name)->run_callback_for_default()->default_val(value);
           }

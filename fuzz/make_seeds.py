@@ -53,7 +53,7 @@ def cli(target, name, args):
 
 qkv = ['--q', 'q.npy', '--k', 'k.npy', '--v', 'v.npy', '--out', 'o.npy']
 cli('cli_attend', 'files', qkv)
-cli('cli_attend', 'files_all', qkv + ['--lse', 'l.npy', '--weights', 'w.npy', '--mask', 'mask.npy',
+cli('cli_attend', 'files_all', qkv + ['--lse', 'l.npy', '--attn-weights', 'w.npy', '--mask', 'mask.npy',
                                       '--causal', '--window', '2', '1', '--key-lengths', 'len.npy',
                                       '--kernel', 'reference'])
 cli('cli_attend', 'float_mask', qkv + ['--mask', 'maskf.npy', '--scale', '0.5', '--layout', 'bshd'])
@@ -62,18 +62,18 @@ cli('cli_attend', 'zero_dims', ['--q', 'q0.npy', '--k', 'k0.npy', '--v', 'k0.npy
 cli('cli_attend', 'random', ['--shape', '1,2,8,4', '--kv-heads', '1', '--seq-kv', '6', '--seed', '3',
                              '--causal-top-left', '--verbose', '--threads', '1'])
 cli('cli_attend', 'same_file', qkv[:-1] + ['q.npy'])
-cli('cli_mha', 'self', ['--query', 'x.npy', '--weights', 'w.safetensors', '--heads', '2',
+cli('cli_mha', 'self', ['--query', 'x.npy', '--params', 'w.safetensors', '--heads', '2',
                         '--out', 'o.npy'])
-cli('cli_mha', 'cross', ['--query', 'x.npy', '--key', 'kv.npy', '--value', 'kv.npy', '--weights',
+cli('cli_mha', 'cross', ['--query', 'x.npy', '--key', 'kv.npy', '--value', 'kv.npy', '--params',
                          'w.safetensors', '--heads', '4', '--kv-heads', '2', '--out', 'o.npy',
                          '--attn-weights', 'a.npy', '--per-head-weights', '--key-padding-mask',
                          'kpm.npy', '--attn-mask', 'am.npy'])
-cli('cli_mha', 'causal', ['--query', 'x.npy', '--weights', 'w.safetensors', '--heads', '8',
-                          '--causal', '--out', 'o.npy', '--threads', '1'])
+cli('cli_mha', 'causal', ['--query', 'x.npy', '--params', 'w.safetensors', '--heads', '8',
+                          '--causal-top-left', '--out', 'o.npy', '--threads', '1'])
 cli('cli_decode', 'default', [])
-cli('cli_decode', 'sliding', ['--cache', 'sliding', '--window', '5', '--prompt', '9', '--generate',
+cli('cli_decode', 'sliding', ['--cache', 'sliding', '--cache-window', '5', '--prompt-tokens', '9', '--generate',
                               '4', '--cache-dtype', 'i8'])
-cli('cli_decode', 'sinks', ['--cache', 'sinks', '--window', '4', '--sinks', '2', '--cache-dtype',
+cli('cli_decode', 'sinks', ['--cache', 'sinks', '--cache-window', '4', '--sinks', '2', '--cache-dtype',
                             'f16', '--heads', '8', '--kv-heads', '1'])
-cli('cli_decode', 'paged', ['--cache', 'paged', '--block-size', '3', '--prompt', '10',
+cli('cli_decode', 'paged', ['--cache', 'paged', '--block-size', '3', '--prompt-tokens', '10',
                             '--cache-dtype', 'bf16', '--head-dim', '8'])

@@ -33,7 +33,11 @@ constexpr Preset kPresets[] = {
 
 // Returns the field's name as the caller spells it: "--kv-heads" or "kv_heads".
 std::string Name(const MemoryPlanConfig& c, std::string field) {
-  if (c.flag_prefix == "--") std::replace(field.begin(), field.end(), '_', '-');
+  if (c.flag_prefix == "--") {
+    // The CLI names the cache's fields as qkv decode / generate do.
+    if (field == "window" || field == "dtype") field = "cache_" + field;
+    std::replace(field.begin(), field.end(), '_', '-');
+  }
   return c.flag_prefix + field;
 }
 

@@ -142,7 +142,8 @@ float AdditiveAt(const MhaMask& m, int64_t flat) {
 }  // namespace
 
 MhaMaskSpec ConvertMhaMasks(const MhaMask& key_padding_mask, const MhaMask& attn_mask, bool causal,
-                            int64_t batch, int64_t num_heads, int64_t seq_q, int64_t seq_kv) {
+                            int64_t batch, int64_t num_heads, int64_t seq_q, int64_t seq_kv,
+                            Alignment alignment) {
   const int64_t bh = attn_mask.data ? Product("attn_mask", batch, num_heads) : 0;
   const std::string nk = S(seq_kv), nq = S(seq_q);
   const bool has_kpm = CheckMask("key_padding_mask", key_padding_mask, {{batch, seq_kv}},
@@ -155,7 +156,7 @@ MhaMaskSpec ConvertMhaMasks(const MhaMask& key_padding_mask, const MhaMask& attn
   const bool attn_3d = has_attn && attn_mask.shape.size() == 3;
   MhaMaskSpec r;
   r.spec.causal = causal;
-  r.spec.alignment = Alignment::kTopLeft;  // torch's is_causal: j <= i
+  r.spec.alignment = alignment;  // default kTopLeft, torch's is_causal: j <= i
   if (!has_kpm && !has_attn) return r;
   // The buffer (or in-place view) shape: each dim full only when some mask varies along it.
   const Shape4 shape{has_kpm || attn_3d ? batch : 1, attn_3d ? num_heads : 1, has_attn ? seq_q : 1,
@@ -357,7 +358,8 @@ AttentionInfo MultiHeadAttention::Forward(const MhaParams& p) const {
   }
   if (p.num_threads < 0) throw Error("num_threads: " + S(p.num_threads) + " (expected >= 0)");
   const MhaMaskSpec mask =
-      ConvertMhaMasks(p.key_padding_mask, p.attn_mask, p.causal, batch, h, seq_q, seq_kv);
+      ConvertMhaMasks(p.key_padding_mask, p.attn_mask, p.causal, batch, h, seq_q, seq_kv,
+                      p.causal_alignment);
   const bool averaged = !p.attn_weights.empty() && p.average_attn_weights;
   CheckWorkingMemory(4.0 * (2.0 * batch * seq_q * e + 2.0 * batch * seq_kv * kv_out +
                             (averaged ? 1.0 * per_head : 0.0)));

@@ -199,14 +199,15 @@ class CliTest : public ::testing::Test {
     return RunCli(args, dir_, timeout_s);
   }
 
-  // `qkv attend --q Q --k K --v V --out O --weights W --lse L` plus `extra`,
+  // `qkv attend --q Q --k K --v V --out O --attn-weights W --lse L` plus `extra`,
   // with any of the three inputs replaced.
   std::vector<std::string> AttendArgs(const std::vector<std::string>& extra,
                                       const std::string& q = "", const std::string& k = "",
                                       const std::string& v = "") const {
     std::vector<std::string> a = {"attend", "--q", q.empty() ? q_ : q, "--k", k.empty() ? k_ : k};
-    for (const std::string& s : {std::string("--v"), v.empty() ? v_ : v, std::string("--out"), out_,
-                                 std::string("--weights"), weights_, std::string("--lse"), lse_}) {
+    for (const std::string& s :
+         {std::string("--v"), v.empty() ? v_ : v, std::string("--out"), out_,
+          std::string("--attn-weights"), weights_, std::string("--lse"), lse_}) {
       a.push_back(s);
     }
     a.insert(a.end(), extra.begin(), extra.end());
@@ -308,8 +309,8 @@ TEST_F(CliTest, HugeShapeIsRefusedByMemoryCheck) {
   ExpectUsageError({"attend", "--shape", "1,1,1,1", "--seq-kv", "100000000000"}, "would need", {},
                    5.0);
   // Weights of 1e6 x 1e6 floats from small random inputs.
-  ExpectUsageError({"attend", "--shape", "1,1,1000000,1", "--weights", weights_}, "would need", {},
-                   5.0);
+  ExpectUsageError({"attend", "--shape", "1,1,1000000,1", "--attn-weights", weights_}, "would need",
+                   {}, 5.0);
 }
 
 TEST_F(CliTest, LayoutWithShape) {
@@ -464,15 +465,15 @@ TEST_F(CliTest, BadKeyLengths) {
 }
 
 TEST_F(CliTest, OutputInNonexistentDirectory) {
-  // --out fails; the valid --weights and --lse must not be left behind.
+  // --out fails; the valid --attn-weights and --lse must not be left behind.
   const std::string bad = Path("nodir/out.npy");
-  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", bad, "--weights", weights_,
-                    "--lse", lse_},
+  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", bad, "--attn-weights",
+                    weights_, "--lse", lse_},
                    "nodir/out.npy", {bad});
-  // --lse fails after --out and --weights were written to temporaries.
+  // --lse fails after --out and --attn-weights were written to temporaries.
   const std::string bad_lse = Path("nodir/lse.npy");
-  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", out_, "--weights", weights_,
-                    "--lse", bad_lse},
+  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", out_, "--attn-weights",
+                    weights_, "--lse", bad_lse},
                    "nodir/lse.npy", {bad_lse});
   // With --shape too.
   ExpectUsageError({"attend", "--shape", "1,2,4,8", "--out", bad, "--lse", lse_}, "nodir", {bad});
@@ -482,8 +483,8 @@ TEST_F(CliTest, OutputInNonexistentDirectory) {
 // is an existing directory), the earlier outputs must not be left behind.
 TEST_F(CliTest, OutputOntoDirectoryLeavesNothing) {
   fs::create_directory(Path("lse_dir"));
-  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", out_, "--weights", weights_,
-                    "--lse", Path("lse_dir")},
+  ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", out_, "--attn-weights",
+                    weights_, "--lse", Path("lse_dir")},
                    "lse_dir");
   fs::create_directory(Path("out_dir"));
   ExpectUsageError({"attend", "--q", q_, "--k", k_, "--v", v_, "--out", Path("out_dir")},
@@ -590,7 +591,7 @@ TEST_F(CliTest, Float16InputsGiveFloat16Output) {
   write_f16(Path("k16.npy"), {kB, kHkv, kNk, kD}, k_data_);
   write_f16(Path("v16.npy"), {kB, kHkv, kNk, kDv}, v_data_);
   const CliResult r = Run({"attend", "--q", Path("q16.npy"), "--k", Path("k16.npy"), "--v",
-                           Path("v16.npy"), "--out", out_, "--weights", weights_});
+                           Path("v16.npy"), "--out", out_, "--attn-weights", weights_});
   ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
   const NpyArray out = ReadNpy(out_);
   EXPECT_EQ(out.dtype, DType::kFloat16);
@@ -653,7 +654,7 @@ TEST_F(CliTest, HelpListsEveryAttendFlag) {
   EXPECT_NE(top.out.find("demo"), std::string::npos) << top.out;
   const std::string all_flags =
       "--q --k --v --out --mask --causal --causal-top-left --window --key-lengths --scale "
-      "--layout --weights --lse --shape --seed --kernel --threads";
+      "--layout --attn-weights --lse --shape --seed --kernel --threads";
   std::vector<std::string> flags;
   std::istringstream words(all_flags);
   for (std::string w; words >> w;) flags.push_back(w);
@@ -679,7 +680,7 @@ TEST_F(CliTest, RandomShapeRunPrintsSummary) {
   EXPECT_EQ(r.err, "");
   // GQA and cross-attention shapes through --kv-heads / --seq-kv, with outputs.
   const CliResult g = Run({"attend", "--shape", "2,4,3,8", "--kv-heads", "2", "--seq-kv", "7",
-                           "--out", out_, "--weights", weights_, "--lse", lse_, "--causal"});
+                           "--out", out_, "--attn-weights", weights_, "--lse", lse_, "--causal"});
   ASSERT_TRUE(g.exited && g.status == 0) << Describe(g);
   EXPECT_EQ(ReadNpy(out_).shape, (std::vector<int64_t>{2, 4, 3, 8}));
   EXPECT_EQ(ReadNpy(weights_).shape, (std::vector<int64_t>{2, 4, 3, 7}));
@@ -702,14 +703,16 @@ TEST_F(CliTest, VerboseSaysWhichKernelRan) {
   const CliResult f = Run({"attend", "--shape", "1,2,16,8", "--verbose"});
   ASSERT_TRUE(f.exited && f.status == 0) << Describe(f);
   EXPECT_NE(f.out.find("kernel: flash"), std::string::npos) << f.out;
-  const CliResult r = Run({"attend", "--shape", "1,2,16,8", "--verbose", "--weights", weights_});
+  const CliResult r =
+      Run({"attend", "--shape", "1,2,16,8", "--verbose", "--attn-weights", weights_});
   ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
   EXPECT_NE(r.out.find("kernel: reference (reference: attention weights requested"),
             std::string::npos)
       << r.out;
   fs::remove(weights_);
-  ExpectUsageError({"attend", "--shape", "1,2,16,8", "--kernel", "flash", "--weights", weights_},
-                   "kernel flash: cannot write attention weights");
+  ExpectUsageError(
+      {"attend", "--shape", "1,2,16,8", "--kernel", "flash", "--attn-weights", weights_},
+      "kernel flash: cannot write attention weights");
   const CliResult b = Run({"bench", "--shape", "1,2,64,8", "--repeat", "1", "--json"});
   ASSERT_TRUE(b.exited && b.status == 0) << Describe(b);
   for (const char* key : {"\"median_s\"", "\"min_s\"", "\"max_s\"", "\"flops\"", "\"gflops\"",
@@ -721,11 +724,11 @@ TEST_F(CliTest, VerboseSaysWhichKernelRan) {
 // qkv memory prints the issue's worked example exactly; qkv decode and
 // qkv bench --decode run and report; bad flags are usage errors.
 TEST_F(CliTest, MemoryDecodeAndDecodeBench) {
-  const CliResult m =
-      Run({"memory", "--heads", "32", "--head-dim", "128", "--seq", "32768", "--dtype", "f16"});
+  const CliResult m = Run(
+      {"memory", "--heads", "32", "--head-dim", "128", "--seq", "32768", "--cache-dtype", "f16"});
   ASSERT_TRUE(m.exited && m.status == 0) << Describe(m);
   EXPECT_NE(m.out.find("68,719,476,736 bytes = 68.7 GB = 64 GiB"), std::string::npos) << m.out;
-  const CliResult d = Run({"decode", "--prompt", "100", "--generate", "3", "--heads", "4",
+  const CliResult d = Run({"decode", "--prompt-tokens", "100", "--generate", "3", "--heads", "4",
                            "--kv-heads", "2", "--head-dim", "16", "--cache", "paged"});
   ASSERT_TRUE(d.exited && d.status == 0) << Describe(d);
   // Every figure labelled; the cold first step reported apart (issue 18, item 4).
@@ -745,7 +748,7 @@ TEST_F(CliTest, MemoryDecodeAndDecodeBench) {
   for (const char* bs : {"0", "-3"}) {
     ExpectUsageError({"decode", "--cache", "paged", "--block-size", bs}, "block_size");
   }
-  ExpectUsageError({"decode", "--cache", "sliding", "--window", "0"}, "window");
+  ExpectUsageError({"decode", "--cache", "sliding", "--cache-window", "0"}, "window");
   ExpectUsageError({"decode", "--cache", "sinks", "--sinks", "-1"}, "num_sinks");
   ExpectUsageError({"bench", "--decode"}, "--cache-len");
   ExpectUsageError({"bench", "--cache-len", "10"}, "--decode");

@@ -64,8 +64,8 @@ class FaultInjectionTest : public ::testing::Test {
   // An attend run whose outputs take a while to write: 1 MiB of out and
   // 16 MiB of weights (the reference kernel), so a signal can land mid-write.
   std::vector<std::string> SlowWrite() const {
-    return {"attend", "--shape", "1,4,1024,64",       "--kernel",  "reference",        "--threads",
-            "1",      "--out",   out_dir_ + "/o.npy", "--weights", out_dir_ + "/w.npy"};
+    return {"attend", "--shape", "1,4,1024,64", "--kernel", "reference", "--threads", "1",
+            "--out", out_dir_ + "/o.npy", "--attn-weights", out_dir_ + "/w.npy"};
   }
 
   void ExpectOneLineError(const CliResult& r, const std::vector<std::string>& words) {
@@ -167,10 +167,10 @@ TEST_F(FaultInjectionTest, AddressSpaceLimitIsOneLineError) {
   }
   ASSERT_EQ(setrlimit(RLIMIT_AS, &limit), 0);
   const CliResult r = RunCli({"attend", "--shape", "1,8,4096,64", "--kernel", "reference", "--out",
-                              out_dir_ + "/o.npy", "--weights", out_dir_ + "/w.npy"},
+                              out_dir_ + "/o.npy", "--attn-weights", out_dir_ + "/w.npy"},
                              dir_, 120.0);
   setrlimit(RLIMIT_AS, &old_limit);
-  ExpectOneLineError(r, {"--weights", "ulimit -v"});
+  ExpectOneLineError(r, {"--attn-weights", "ulimit -v"});
   EXPECT_TRUE(Listing(out_dir_).empty());
 }
 

@@ -193,11 +193,11 @@ TEST_F(HardeningTest, HugeOmpNumThreadsIsOneLineErrorInEveryCommand) {
       {"demo"},
       {"bench", "--shape", "1,2,16,8", "--repeat", "1"},
       {"bench", "--decode", "--cache-len", "16", "--repeat", "1"},
-      {"decode", "--prompt", "4", "--generate", "1"},
+      {"decode", "--prompt-tokens", "4", "--generate", "1"},
       {"memory", "--preset", "llama3-8b", "--seq", "4096"},
-      {"mha", "--query", P("x.npy"), "--weights", P("none.safetensors"), "--heads", "1", "--out",
+      {"mha", "--query", P("x.npy"), "--params", P("none.safetensors"), "--heads", "1", "--out",
        out_},
-      {"classic", "--score", "dot", "--state", P("s.npy"), "--encoder", P("enc.npy"), "--context",
+      {"classic", "--score", "dot", "--state", P("s.npy"), "--encoder", P("enc.npy"), "--out",
        out_},
       {"positions", "--kind", "sinusoidal", "--seq", "4", "--dim", "4", "--out", out_},
   };
@@ -228,7 +228,7 @@ TEST(HardeningLibraryTest, DefaultThreadCountAboveCapIsAnError) {
   omp_set_num_threads(saved);
 }
 
-// 2. A FIFO as an input blocked forever in fopen (attend, mha --weights,
+// 2. A FIFO as an input blocked forever in fopen (attend, mha --params,
 // positions --x, classic --state); it is refused at once, unopened by a writer.
 TEST_F(HardeningTest, FifoInputIsRefusedWithoutBlocking) {
   const std::string fifo = P("fifo.npy");
@@ -238,13 +238,13 @@ TEST_F(HardeningTest, FifoInputIsRefusedWithoutBlocking) {
   ExpectError({"attend", "--q", fifo, "--k", k_, "--v", v_, "--out", out_},
               {"--q", "fifo.npy", "not a regular file"}, {out_}, 5.0);
   ExpectError(Attend({"--mask", fifo}), {"fifo.npy", "not a regular file"}, {out_}, 5.0);
-  ExpectError({"mha", "--query", P("x.npy"), "--weights", fifo, "--heads", "1", "--out", out_},
-              {"--weights", "not a regular file"}, {out_}, 5.0);
+  ExpectError({"mha", "--query", P("x.npy"), "--params", fifo, "--heads", "1", "--out", out_},
+              {"--params", "not a regular file"}, {out_}, 5.0);
   ExpectError({"positions", "--kind", "rope", "--x", fifo, "--out", out_},
               {"--x", "not a regular file"}, {out_}, 5.0);
-  ExpectError({"classic", "--score", "dot", "--state", fifo, "--encoder", P("enc.npy"),
-               "--context", out_},
-              {"--state", "not a regular file"}, {out_}, 5.0);
+  ExpectError(
+      {"classic", "--score", "dot", "--state", fifo, "--encoder", P("enc.npy"), "--out", out_},
+      {"--state", "not a regular file"}, {out_}, 5.0);
   // Nor may an output replace a FIFO or a device (rename would unlink it).
   ExpectError(Attend({"--lse", fifo}), {"fifo.npy", "not a regular file"}, {out_}, 5.0);
   EXPECT_TRUE(fs::is_fifo(fifo));
@@ -336,14 +336,14 @@ TEST_F(HardeningTest, ClassicZeroSizeEncoderIsRefused) {
   const std::string state = Empty("s.npy", {0});
   for (const int64_t seq : {int64_t{67108864}, int64_t{4294967296}, int64_t{9000000000000000000}}) {
     const std::string enc = Empty("enc.npy", {seq, 0});
-    ExpectError({"classic", "--score", "dot", "--state", state, "--encoder", enc, "--context", out_,
-                 "--weights", P("w.npy")},
+    ExpectError({"classic", "--score", "dot", "--state", state, "--encoder", enc, "--out", out_,
+                 "--attn-weights", P("w.npy")},
                 {"--encoder", "enc.npy", "enc_dim >= 1"}, {out_, P("w.npy")}, 5.0);
   }
   WriteF32(P("s4.npy"), {4});
   const std::string wide = Empty("wide.npy", {0, 4});
   ExpectError({"classic", "--score", "dot", "--state", P("s4.npy"), "--encoder", wide,
-               "--context", out_},
+               "--out", out_},
               {"--encoder", "seq_kv >= 1"}, {out_}, 5.0);
 }
 
@@ -362,8 +362,8 @@ TEST_F(HardeningTest, DecodeChecksEveryBufferBeforeAllocating) {
       static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
   const int64_t prompt = std::min<int64_t>(static_cast<int64_t>(0.5 * physical / 2112.0),
                                            (int64_t{1} << 31) - 2);
-  ExpectError({"decode", "--prompt", std::to_string(prompt), "--generate", "1", "--heads", "8",
-               "--kv-heads", "8", "--head-dim", "128", "--cache-dtype", "i8"},
+  ExpectError({"decode", "--prompt-tokens", std::to_string(prompt), "--generate", "1", "--heads",
+               "8", "--kv-heads", "8", "--head-dim", "128", "--cache-dtype", "i8"},
               {"would need", "staging"}, {}, 5.0);
   ExpectError({"bench", "--decode", "--cache-len", std::to_string(prompt), "--heads", "8",
                "--kv-heads", "8", "--head-dim", "128", "--cache-dtype", "i8"},
@@ -378,15 +378,15 @@ TEST_F(HardeningTest, OutputsNeverReplaceInputs) {
   ExpectError(Attend({"--lse", v_}), {"--lse", "--v"}, {out_});
   // A hard link and a ./-spelling are the same file too.
   ASSERT_EQ(link(k_.c_str(), P("k_link.npy").c_str()), 0);
-  ExpectError(Attend({"--weights", P("k_link.npy")}), {"--weights", "--k"}, {out_});
+  ExpectError(Attend({"--attn-weights", P("k_link.npy")}), {"--attn-weights", "--k"}, {out_});
   ExpectError(Attend({"--lse", dir_ + "/./out.npy"}), {"--lse", "given twice"}, {out_});
   EXPECT_EQ(Slurp(q_), q_before);
-  // attend --weights onto a safetensors model (mha's --weights input).
+  // attend --attn-weights onto a safetensors model (mha's --params input).
   const std::vector<float> w(4, 1.0f);
   const SafetensorsEntry entry{"w", {2, 2}, w};
   WriteSafetensors(P("model.safetensors"), std::span<const SafetensorsEntry>(&entry, 1));
   const std::string model = Slurp(P("model.safetensors"));
-  ExpectError(Attend({"--weights", P("model.safetensors")}), {"model.safetensors", ".npy"},
+  ExpectError(Attend({"--attn-weights", P("model.safetensors")}), {"model.safetensors", ".npy"},
               {out_});
   EXPECT_EQ(Slurp(P("model.safetensors")), model);
   // The other commands: backward, mha, classic, positions.
@@ -394,14 +394,14 @@ TEST_F(HardeningTest, OutputsNeverReplaceInputs) {
                "--dk", P("dk.npy"), "--dv", k_},
               {"--dv", "--k"}, {P("dq.npy"), P("dk.npy")});
   WriteF32(P("x.npy"), {1, 3, 4});
-  ExpectError({"mha", "--query", P("x.npy"), "--weights", P("model.safetensors"), "--heads", "1",
+  ExpectError({"mha", "--query", P("x.npy"), "--params", P("model.safetensors"), "--heads", "1",
                "--out", P("x.npy")},
               {"--out", "--query"});
   WriteF32(P("enc.npy"), {3, 4});
   WriteF32(P("s.npy"), {4});
   ExpectError({"classic", "--score", "dot", "--state", P("s.npy"), "--encoder", P("enc.npy"),
-               "--context", P("./s.npy")},
-              {"--context", "--state"});
+               "--out", P("./s.npy")},
+              {"--out", "--state"});
   ExpectError({"positions", "--kind", "rope", "--x", q_, "--out", q_}, {"--out", "--x"});
   EXPECT_EQ(Slurp(q_), q_before);
 }
@@ -415,7 +415,7 @@ TEST_F(HardeningTest, WriteFailuresKeepTheirReason) {
        {std::vector<std::string>{"memory", "--preset", "llama3-8b", "--seq", "4096", "--json"},
         {"memory", "--preset", "llama3-8b", "--seq", "4096"},
         {"bench", "--shape", "1,1,16,8", "--repeat", "1", "--json"},
-        {"decode", "--prompt", "4", "--generate", "1", "--heads", "2", "--kv-heads", "1",
+        {"decode", "--prompt-tokens", "4", "--generate", "1", "--heads", "2", "--kv-heads", "1",
          "--head-dim", "8"}}) {
     SCOPED_TRACE(args[0]);
     const Result r = RunQkv(args, dir_, {}, "/dev/full");
@@ -454,14 +454,14 @@ TEST_F(HardeningTest, MessagesNameTheFlagTyped) {
   const std::vector<float> w(1, 1.0f);
   const SafetensorsEntry entry{"w", {1}, w};
   WriteSafetensors(P("m.safetensors"), std::span<const SafetensorsEntry>(&entry, 1));
-  ExpectError({"mha", "--query", P("huge_q.npy"), "--weights", P("m.safetensors"), "--heads", "1",
+  ExpectError({"mha", "--query", P("huge_q.npy"), "--params", P("m.safetensors"), "--heads", "1",
                "--out", out_},
               {"--query", "huge_q.npy"}, {out_}, 5.0);
   ExpectError({"bench", "--decode", "--cache-len", "16", "--repeat", "0"}, {"--repeat"});
   ExpectError({"decode", "--repeat", "0"}, {"--repeat"});
   ExpectError({"decode", "--generate", "0"}, {"--generate"});
   ExpectError({"decode", "--kv-heads", "3"}, {"--kv-heads", "--heads"});
-  ExpectError({"mha", "--query", q_, "--weights", P("m.safetensors"), "--heads", "1", "--out",
+  ExpectError({"mha", "--query", q_, "--params", P("m.safetensors"), "--heads", "1", "--out",
                out_, "--threads", "5000"},
               {"--threads"}, {out_});
   // A query of another embed_dim than the weights: the query is named too
@@ -471,13 +471,13 @@ TEST_F(HardeningTest, MessagesNameTheFlagTyped) {
                                     {"enc.0.attn.out_proj.weight", {8, 8}, out_proj}};
   WriteSafetensors(P("layer.safetensors"), layer);
   WriteF32(P("q4.npy"), {1, 3, 4});
-  ExpectError({"mha", "--query", P("q4.npy"), "--weights", P("layer.safetensors"), "--heads", "1",
+  ExpectError({"mha", "--query", P("q4.npy"), "--params", P("layer.safetensors"), "--heads", "1",
                "--prefix", "enc.0.attn.", "--out", out_},
               {"--query", "q4.npy", "embed_dim 4", "(24, 8)"}, {out_});
   WriteF32(P("q8.npy"), {1, 3, 8});
-  ExpectError({"mha", "--query", P("q8.npy"), "--weights", P("layer.safetensors"), "--heads", "2",
+  ExpectError({"mha", "--query", P("q8.npy"), "--params", P("layer.safetensors"), "--heads", "2",
                "--out", out_},
-              {"--weights", "prefix \"enc.0.attn.\"", "--prefix"}, {out_});
+              {"--params", "prefix \"enc.0.attn.\"", "--prefix"}, {out_});
   // A path with a newline: the whole message on one line, the newline escaped.
   const Result r = RunQkv({"attend", "--q", P("a\nb.npy"), "--k", k_, "--v", v_, "--out", out_}, dir_);
   EXPECT_EQ(r.status, 2) << Describe(r);

@@ -921,13 +921,13 @@ TEST(MhaTest, CliMatchesLibrary) {
     SCOPED_TRACE(name);
     const Fixture f = LoadFixture(name);
     const std::string c = CaseDir(name);
-    std::string args = "--query " + c + "/query.npy --weights " + c + "/weights.safetensors" +
+    std::string args = "--query " + c + "/query.npy --params " + c + "/weights.safetensors" +
                        " --heads " + std::to_string(f.cfg.at("num_heads")) + " --out " + dir +
                        "/out.npy --attn-weights " + dir + "/w.npy";
     if (f.cfg.at("cross")) args += " --key " + c + "/key.npy --value " + c + "/value.npy";
     if (f.kpm) args += " --key-padding-mask " + c + "/key_padding_mask.npy";
     if (f.cfg.at("causal")) {
-      args += " --causal";
+      args += " --causal-top-left";
     } else if (f.attn_mask) {
       args += " --attn-mask " + c + "/attn_mask.npy";
     }
@@ -947,20 +947,20 @@ TEST(MhaTest, CliErrorsNameTheFlag) {
   fs::create_directories(dir);
   const std::string c = CaseDir("cross_kdim_vdim_kpm");
   const std::string base = "--query " + c + "/query.npy --key " + c + "/key.npy --value " + c +
-                           "/value.npy --weights " + c + "/weights.safetensors --out " + dir +
+                           "/value.npy --params " + c + "/weights.safetensors --out " + dir +
                            "/out.npy";
   const std::pair<std::string, std::string> cases[] = {
       {base + " --heads 3", "--heads"},
       {base + " --heads 4 --kv-heads 3", "--kv-heads"},
-      {"--query " + c + "/query.npy --key " + c + "/key.npy --weights " + c +
+      {"--query " + c + "/query.npy --key " + c + "/key.npy --params " + c +
            "/weights.safetensors --heads 4 --out " + dir + "/out.npy",
        "--value"},
       {base + " --heads 4 --key-padding-mask " + c + "/query.npy", "--key-padding-mask"},
       {base + " --heads 4 --attn-mask " + c + "/key_padding_mask.npy", "--attn-mask"},
-      {"--query " + c + "/query.npy --weights " + c + "/weights.safetensors --heads 4 --out " +
+      {"--query " + c + "/query.npy --params " + c + "/weights.safetensors --heads 4 --out " +
            dir + "/out.npy",
-       "--weights"},  // self-attention with a kdim=10 file
-      {base + " --heads 4 --weights " + c + "/query.npy", "--weights"},
+       "--params"},  // self-attention with a kdim=10 file
+      {base + " --heads 4 --params " + c + "/query.npy", "--params"},
   };
   for (const auto& [args, flag] : cases) {
     SCOPED_TRACE(args);
@@ -1029,7 +1029,7 @@ TEST(MhaTest, CliCorruptSafetensorsAreRefused) {
   for (const Bad& b : cases) {
     SCOPED_TRACE(b.what);
     WriteRawSafetensors(dir + "/bad.safetensors", b.header, b.data, b.claimed_len);
-    const Cli r = RunMha("--query " + dir + "/x.npy --weights " + dir +
+    const Cli r = RunMha("--query " + dir + "/x.npy --params " + dir +
                              "/bad.safetensors --heads 2 --out " + dir + "/out.npy",
                          dir);
     EXPECT_EQ(r.status, 2) << r.err;
@@ -1040,7 +1040,7 @@ TEST(MhaTest, CliCorruptSafetensorsAreRefused) {
   // The good header with its data runs (so the cases above fail for their
   // one defect only).
   WriteRawSafetensors(dir + "/good.safetensors", good, 256);
-  const Cli ok = RunMha("--query " + dir + "/x.npy --weights " + dir +
+  const Cli ok = RunMha("--query " + dir + "/x.npy --params " + dir +
                             "/good.safetensors --heads 2 --out " + dir + "/out.npy",
                         dir);
   EXPECT_EQ(ok.status, 0) << ok.err;

@@ -34,8 +34,9 @@ struct MemoryPlanConfig {
   int64_t batch = 1;
   std::string dtype = "f16";  // K/V and score element: f32, f16, bf16, i8 (cache only)
   int threads = 1;            // threads holding a flash working set
-  // How messages name the fields: "--" gives "--kv-heads" (the CLI's flags),
-  // "" gives "kv_heads" (Python's keywords).
+  // How messages name the fields: "--" gives "--kv-heads" (the CLI's flags;
+  // window and dtype are --cache-window and --cache-dtype there), "" gives
+  // "kv_heads" (Python's keywords).
   std::string flag_prefix;
 };
 

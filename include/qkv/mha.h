@@ -56,7 +56,9 @@ struct MhaParams {
   int64_t seq_kv = -1;               // -1: self-attention (key, value empty: both are query)
   MhaMask key_padding_mask;          // [batch, seq_kv]
   MhaMask attn_mask;                 // [seq_q, seq_kv] or [batch * num_heads, seq_q, seq_kv]
-  bool causal = false;               // key j allowed only for j <= i (top-left, torch's is_causal)
+  bool causal = false;               // causal mask, aligned as below
+  Alignment causal_alignment = Alignment::kTopLeft;  // torch's is_causal: key j <= query i;
+                                     // kBottomRight: j <= i + seq_kv - seq_q (qkv/mask.h)
   std::span<float> out;              // [batch, seq_q, embed_dim]
   std::span<float> attn_weights;     // optional: [batch, seq_q, seq_kv] averaged over heads,
   bool average_attn_weights = true;  // or [batch, num_heads, seq_q, seq_kv] when false
@@ -72,14 +74,15 @@ struct MhaMaskSpec {
   MhaMaskSpec& operator=(MhaMaskSpec&&) = default;
 };
 
-// Converts key_padding_mask, attn_mask and causal (Alignment::kTopLeft) to a
+// Converts key_padding_mask, attn_mask and causal (at `alignment`) to a
 // MaskSpec for [batch, num_heads, seq_q, seq_kv]. Memory: none without masks
 // or for one float32 mask alone (viewed in place, stride 0 where it
 // broadcasts); otherwise one float32 buffer of the smallest broadcast shape:
 // kpm [B,1,1,Nk], 2-D [1,1,Nq,Nk], kpm + 2-D [B,1,Nq,Nk], 3-D (with or
 // without kpm) [B,H,Nq,Nk]. Throws qkv::Error naming the mask.
 MhaMaskSpec ConvertMhaMasks(const MhaMask& key_padding_mask, const MhaMask& attn_mask, bool causal,
-                            int64_t batch, int64_t num_heads, int64_t seq_q, int64_t seq_kv);
+                            int64_t batch, int64_t num_heads, int64_t seq_q, int64_t seq_kv,
+                            Alignment alignment = Alignment::kTopLeft);
 
 // Returns the number of parameters, W_q + W_k + W_v + W_o (+ biases):
 //   E*E + G*hd*kdim + G*hd*vdim + E*E  (+ E + 2*G*hd + E),

@@ -115,8 +115,8 @@ TEST(HeatmapTest, CommandDrawsEmbedOutputAndRefusesBadInput) {
   test::TempDir dir("heatmap_");
   const std::string fixtures = std::string(QKV_TESTDATA_DIR) + "/patterns";
   const test::CliResult r = test::RunCli(
-      {"heatmap", "--weights", fixtures + "/layer0.npy", "--tokens", fixtures + "/tokens.json",
-       "--batch", "1", "--heads", "0,2", "--out", dir.File("m.svg")},
+      {"heatmap", "--attn-weights", fixtures + "/layer0.npy", "--tokens", fixtures + "/tokens.json",
+       "--batch-index", "1", "--which-heads", "0,2", "--out", dir.File("m.svg")},
       dir.File(""));
   ASSERT_TRUE(r.exited && r.status == 0) << test::Describe(r);
   const std::string svg = test::ReadFile(dir.File("m.svg"));
@@ -126,9 +126,9 @@ TEST(HeatmapTest, CommandDrawsEmbedOutputAndRefusesBadInput) {
     ++cells;
   }
   EXPECT_EQ(cells, 2u * 6 * 6);  // input 1 has 6 tokens
-  const test::CliResult png = test::RunCli(
-      {"heatmap", "--weights", fixtures + "/layer0.npy", "--out", dir.File("m.png"), "--terminal"},
-      dir.File(""));
+  const test::CliResult png = test::RunCli({"heatmap", "--attn-weights", fixtures + "/layer0.npy",
+                                            "--out", dir.File("m.png"), "--terminal"},
+                                           dir.File(""));
   ASSERT_TRUE(png.exited && png.status == 0) << test::Describe(png);
   EXPECT_NE(png.out.find("head 4"), std::string::npos);
   const std::string bytes = test::ReadFile(dir.File("m.png"));
@@ -142,14 +142,14 @@ TEST(HeatmapTest, CommandDrawsEmbedOutputAndRefusesBadInput) {
   WriteNpy(dir.File("neg.npy"), DType::kFloat32, shape, negative.data());
   const std::string good = fixtures + "/layer0.npy";
   const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
-      {{"--weights", dir.File("bad.npy"), "--terminal"}, "sums to 1.2"},
-      {{"--weights", dir.File("neg.npy"), "--terminal"}, "in [0, 1]"},
-      {{"--weights", good, "--batch", "4", "--terminal"}, "--batch"},
-      {{"--weights", good, "--heads", "5", "--terminal"}, "--heads"},
-      {{"--weights", good, "--out", dir.File("m.jpg")}, "--out"},
-      {{"--weights", good}, "--out, --terminal"},
-      {{"--weights", dir.File("missing.npy"), "--terminal"}, "--weights"},
-      {{"--weights", good, "--tokens", dir.File("bad.npy"), "--terminal"}, "--tokens"},
+      {{"--attn-weights", dir.File("bad.npy"), "--terminal"}, "sums to 1.2"},
+      {{"--attn-weights", dir.File("neg.npy"), "--terminal"}, "in [0, 1]"},
+      {{"--attn-weights", good, "--batch-index", "4", "--terminal"}, "--batch-index"},
+      {{"--attn-weights", good, "--which-heads", "5", "--terminal"}, "--which-heads"},
+      {{"--attn-weights", good, "--out", dir.File("m.jpg")}, "--out"},
+      {{"--attn-weights", good}, "--out, --terminal"},
+      {{"--attn-weights", dir.File("missing.npy"), "--terminal"}, "--attn-weights"},
+      {{"--attn-weights", good, "--tokens", dir.File("bad.npy"), "--terminal"}, "--tokens"},
   };
   for (const auto& [args, fragment] : cases) {
     std::vector<std::string> all = {"heatmap"};

@@ -128,8 +128,8 @@ TEST(CliGenerateTest, PerplexityOnTheGplAcrossCaches) {
   // loses the first tokens, where attention heads park their weight, and
   // perplexity explodes (29 -> 580 when this test was written); keeping 4
   // sinks besides the window recovers most of it (49).
-  const double window = run({"--cache", "sliding", "--window", "16"});
-  const double sinks = run({"--cache", "sinks", "--window", "16", "--sinks", "4"});
+  const double window = run({"--cache", "sliding", "--cache-window", "16"});
+  const double sinks = run({"--cache", "sinks", "--cache-window", "16", "--sinks", "4"});
   EXPECT_GT(window, 5 * f32);
   EXPECT_GT(sinks, f32);
   EXPECT_LT(sinks, window / 4);
@@ -157,9 +157,9 @@ TEST(CliGenerateTest, BadInputIsOneLineAndExitTwo) {
                             dir.File("")),
                      "--top-p");
   ExpectOneLineError(RunCli({"generate", "--model", kSmolLm2, "--prompt", "hi", "--cache", "sliding",
-                             "--window", "0"},
+                             "--cache-window", "0"},
                             dir.File("")),
-                     "--window");
+                     "--cache-window");
   ExpectOneLineError(RunCli({"perplexity", "--model", kSmolLm2, "--input", dir.File("none.txt")},
                             dir.File("")),
                      "--input: ");
