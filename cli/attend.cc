@@ -13,6 +13,7 @@
 #include "common.h"
 #include "qkv/attention.h"
 #include "qkv/error.h"
+#include "qkv/version.h"
 #include "qkv/npy.h"
 
 namespace qkv::cli {
@@ -115,6 +116,7 @@ int RunAttend(const AttendFlags& f) {
     std::printf("kernel: %s (%s); %s; threads %d; scratch %s\n", KernelName(info.kernel),
                 info.reason.c_str(), info.simd_target.c_str(), info.threads,
                 HumanBytes(static_cast<double>(info.scratch_bytes)).c_str());
+    std::printf("build: %s\n", BuildInfo().c_str());
   }
   if (random) {
     const int64_t pairs = CountAllowedPairs(p.mask, batch, seq_q, seq_kv);

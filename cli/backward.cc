@@ -22,6 +22,7 @@
 #include "qkv/attention.h"
 #include "qkv/attention_backward.h"
 #include "qkv/error.h"
+#include "qkv/version.h"
 #include "qkv/npy.h"
 
 namespace qkv::cli {
@@ -204,6 +205,7 @@ int RunBackward(const BackwardFlags& f) {
     std::printf("kernel: %s (%s); %s; threads %d; scratch %s\n", KernelName(info.kernel),
                 info.reason.c_str(), info.simd_target.c_str(), info.threads,
                 HumanBytes(static_cast<double>(info.scratch_bytes)).c_str());
+    std::printf("build: %s\n", BuildInfo().c_str());
   }
   if (random) {
     const double flops =

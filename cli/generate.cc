@@ -30,6 +30,7 @@
 #include "qkv/error.h"
 #include "qkv/models/bpe_tokenizer.h"
 #include "qkv/models/llama.h"
+#include "qkv/version.h"
 
 namespace qkv::cli {
 namespace {
@@ -211,6 +212,7 @@ int RunGenerate(const GenerateFlags& f) {
   std::fputs(stream.Finish().c_str(), stdout);
   std::fputs("\n", stdout);
   if (f.verbose) {
+    std::fprintf(stderr, "qkv generate: build %s\n", BuildInfo().c_str());
     double decode_s = 0;
     for (double s : step_s) decode_s += s;
     std::fprintf(stderr,

@@ -703,6 +703,9 @@ TEST_F(CliTest, VerboseSaysWhichKernelRan) {
   const CliResult f = Run({"attend", "--shape", "1,2,16,8", "--verbose"});
   ASSERT_TRUE(f.exited && f.status == 0) << Describe(f);
   EXPECT_NE(f.out.find("kernel: flash"), std::string::npos) << f.out;
+  // Issue 18, item 3: --verbose names the build (as qkv --version does).
+  EXPECT_NE(f.out.find("build: qkv "), std::string::npos) << f.out;
+  EXPECT_NE(f.out.find("SIMD targets built"), std::string::npos) << f.out;
   const CliResult r =
       Run({"attend", "--shape", "1,2,16,8", "--verbose", "--attn-weights", weights_});
   ASSERT_TRUE(r.exited && r.status == 0) << Describe(r);
