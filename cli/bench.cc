@@ -147,10 +147,12 @@ int RunBench(const BenchFlags& f) {
   auto run = [&] { return f.backward ? AttentionBackward(bp) : Attention(p); };
   AttentionInfo info = run();  // warm-up: page faults, thread pool start
   std::vector<double> times;
+  Progress progress("qkv bench", "timed runs", f.repeat);
   for (int r = 0; r < f.repeat; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     info = run();
     times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    progress.Done(r + 1);
   }
   const double median = Median(times);
   std::sort(times.begin(), times.end());  // for min_s / max_s below

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -459,6 +460,27 @@ std::vector<std::string> ReadInputLines(const std::string& path) {
   }
   if (in.bad()) throw Error("--input: " + path + ": read error (expected a readable text file)");
   return lines;
+}
+
+namespace {
+double MonotonicSeconds() {
+  timespec t{};
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+}  // namespace
+
+Progress::Progress(std::string what, std::string unit, int64_t total)
+    : what_(std::move(what)), unit_(std::move(unit)), total_(total),
+      enabled_(isatty(STDERR_FILENO) != 0), last_(MonotonicSeconds()) {}
+
+void Progress::Done(int64_t done) {
+  if (!enabled_ || done >= total_) return;
+  const double now = MonotonicSeconds();
+  if (now - last_ < 2.0) return;
+  std::fprintf(stderr, "%s: %lld/%lld %s\n", what_.c_str(), static_cast<long long>(done),
+               static_cast<long long>(total_), unit_.c_str());
+  last_ = now;
 }
 
 }  // namespace qkv::cli

@@ -96,6 +96,20 @@ class OutputSet {
   std::vector<Entry> entries_;
 };
 
+// Progress of a long run on stderr, only when stderr is a terminal (so
+// logs and tests never see it): "qkv bench: 3/10 runs" at most every 2 s.
+class Progress {
+ public:
+  Progress(std::string what, std::string unit, int64_t total);
+  void Done(int64_t done);  // call after each unit
+
+ private:
+  std::string what_, unit_;
+  int64_t total_;
+  bool enabled_;
+  double last_;
+};
+
 // The lines of --input PATH, one input per line (a final newline ends the
 // last line; a "\r" before "\n" is dropped, so CRLF files read as their lines).
 std::vector<std::string> ReadInputLines(const std::string& path);

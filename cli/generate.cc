@@ -321,7 +321,9 @@ int RunPerplexity(const PerplexityFlags& f) {
   int64_t predicted = 0;
   const auto t0 = Clock::now();
   std::vector<float> logits;
+  Progress progress("qkv perplexity", "chunks", chunks);
   for (int64_t ch = 0; ch < chunks; ++ch) {
+    progress.Done(ch);
     models::LlamaCache cache(c, MakeCacheConfig(f.cache, f.context));
     const int64_t seq = cache.AddSequence();
     const std::span<const int32_t> chunk(ids.data() + ch * f.context, static_cast<size_t>(f.context));
