@@ -14,7 +14,6 @@
 #include "commands.h"
 #include "common.h"
 #include "qkv/memory_plan.h"
-#include "validate.h"
 
 namespace qkv::cli {
 namespace {
@@ -59,10 +58,8 @@ std::string Gflop(int64_t flops) {
 }
 
 int RunMemory(const MemoryFlags& flags) {
-  MemoryPlanConfig config = flags.config;
-  CheckThreadsFlag(config.threads);
-  if (config.threads == 0) config.threads = internal::ResolveThreads(0);
-  const MemoryPlan p = PlanMemory(config);
+  CheckThreadsFlag(flags.config.threads);
+  const MemoryPlan p = PlanMemory(flags.config);
   const MemoryPlanConfig& f = p.config;
   const bool int8 = f.dtype == "i8";
   const int64_t tokens = p.cached_tokens, per_token = p.kv_cache_bytes_per_token;
@@ -139,7 +136,6 @@ Runner AddMemoryCommand(CLI::App& app) {
   cmd->add_option("--cache-dtype", f.dtype, "KV cache storage dtype, also the scores' (i8: cache only)")
       ->check(CLI::IsMember({"f32", "f16", "bf16", "i8"}))
       ->capture_default_str();
-  f.threads = 0;
   cmd->add_option("--threads", f.threads,
                   "Threads holding a flash working set (0 = all cores, as everywhere)")
       ->capture_default_str();

@@ -9,6 +9,7 @@
 #include "kernels/flash_attention.h"
 #include "problem.h"
 #include "qkv/error.h"
+#include "validate.h"
 
 namespace qkv {
 namespace {
@@ -100,7 +101,9 @@ MemoryPlan PlanMemory(const MemoryPlanConfig& c) {
   CheckRange(c, "seq", c.seq);
   CheckRange(c, "batch", c.batch);
   CheckRange(c, "window", m.window, 0);
-  CheckRange(c, "threads", c.threads);
+  CheckRange(c, "threads", c.threads, 0);
+  // 0: every core, as everywhere in qkv (the threads the kernels would use).
+  const int threads = c.threads == 0 ? internal::ResolveThreads(0) : c.threads;
   if (m.heads % m.kv_heads != 0) {
     throw Error(Name(c, "kv_heads") + ": " + std::to_string(m.kv_heads) + " must divide " +
                 Name(c, "heads") + " " + std::to_string(m.heads) +
@@ -120,6 +123,7 @@ MemoryPlan PlanMemory(const MemoryPlanConfig& c) {
 
   MemoryPlan plan;
   plan.config = c;
+  plan.config.threads = threads;
   plan.layers = m.layers, plan.heads = m.heads, plan.kv_heads = m.kv_heads;
   plan.head_dim = m.head_dim, plan.window = m.window;
   const int64_t tokens = m.window > 0 ? std::min(c.seq, m.window) : c.seq;
@@ -139,7 +143,7 @@ MemoryPlan PlanMemory(const MemoryPlanConfig& c) {
   problem.group_size = m.heads / m.kv_heads, problem.seq_q = c.seq, problem.seq_kv = c.seq;
   problem.head_dim = m.head_dim, problem.head_dim_v = m.head_dim, problem.threads = 1;
   plan.flash_working_set_bytes_per_thread = internal::FlashScratchBytes(problem);
-  plan.flash_working_set_bytes = Product({plan.flash_working_set_bytes_per_thread, c.threads});
+  plan.flash_working_set_bytes = Product({plan.flash_working_set_bytes_per_thread, threads});
   // One generated token: 2 * head_dim flops for q.k and 2 * head_dim for p.v
   // per attended token, query head and layer.
   plan.attention_flops_per_token = Product({4 * m.layers, m.heads, m.head_dim, tokens});

@@ -33,7 +33,8 @@ struct MemoryPlanConfig {
   int64_t seq = 0;
   int64_t batch = 1;
   std::string dtype = "f16";  // K/V and score element: f32, f16, bf16, i8 (cache only)
-  int threads = 1;            // threads holding a flash working set
+  int threads = 0;            // threads holding a flash working set; 0: every core
+                              // (the plan's config says how many that was)
   // How messages name the fields: "--" gives "--kv-heads" (the CLI's flags;
   // window and dtype are --cache-window and --cache-dtype there), "" gives
   // "kv_heads" (Python's keywords).

@@ -402,12 +402,12 @@ out_parts [n, head_dim_v], lse_parts [n]. Returns (out float32 [head_dim_v], lse
   m.def("memory_plan", &MemoryPlanDict, nb::kw_only(), "preset"_a.none() = nb::none(),
         "layers"_a.none() = nb::none(), "heads"_a.none() = nb::none(),
         "kv_heads"_a.none() = nb::none(), "head_dim"_a.none() = nb::none(),
-        "window"_a.none() = nb::none(), "seq"_a, "batch"_a = 1, "dtype"_a = "f16", "threads"_a = 1,
+        "window"_a.none() = nb::none(), "seq"_a, "batch"_a = 1, "dtype"_a = "f16", "threads"_a = 0,
         R"(What attention costs for a model configuration, as `qkv memory --json` prints it:
 KV cache bytes, the naive score matrix per layer, the flash kernel's working set and
 flops per generated token. preset: 'llama2-7b', 'llama3-8b', 'mistral-7b' or
 'llama2-70b' (the other arguments override its fields). dtype: 'f32', 'f16', 'bf16'
-or 'i8'.)");
+or 'i8'. threads: those holding a flash working set, 0 = every core.)");
 }
 
 }  // namespace qkv::python

@@ -584,8 +584,8 @@ PLANS = [
 
 
 def hand_plan(preset=None, layers=None, heads=None, kv_heads=None, head_dim=None, window=None,
-              seq=0, batch=1, dtype="f16", threads=1):
-    """memory_plan.h's formulas, by hand."""
+              seq=0, batch=1, dtype="f16", threads=0):
+    """memory_plan.h's formulas, by hand (threads 0 = every core: not echoed as 0)."""
     L, Hh, KV, Dh, W = PRESETS[preset] if preset else (1, None, None, None, 0)
     L = layers if layers is not None else L
     Hh = heads if heads is not None else Hh
@@ -595,11 +595,14 @@ def hand_plan(preset=None, layers=None, heads=None, kv_heads=None, head_dim=None
     nbytes = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1}[dtype]
     tokens = min(seq, W) if W > 0 else seq
     per_token = 2 * L * KV * (Dh * nbytes + (4 if dtype == "i8" else 0))
-    return dict(layers=L, heads=Hh, kv_heads=KV, head_dim=Dh, window=W, seq=seq, batch=batch,
-                dtype=dtype, threads=threads, cached_tokens=tokens,
+    out = dict(layers=L, heads=Hh, kv_heads=KV, head_dim=Dh, window=W, seq=seq, batch=batch,
+                dtype=dtype, cached_tokens=tokens,
                 kv_cache_bytes_per_token=per_token, kv_cache_bytes=per_token * tokens * batch,
                 score_matrix_bytes_per_layer=batch * Hh * seq * seq * (4 if dtype == "i8" else nbytes),
                 attention_flops_per_token=4 * L * Hh * Dh * tokens)
+    if threads:
+        out["threads"] = threads
+    return out
 
 
 @pytest.mark.parametrize("cfg", PLANS, ids=[str(i) for i in range(len(PLANS))])
@@ -614,7 +617,10 @@ def test_memory_plan_matches_hand_formulas(cfg):
         assert plan[key] == value, (key, plan[key], value)
     assert plan["preset"] == cfg.get("preset", "")
     per = plan["flash_working_set_bytes_per_thread"]
-    assert per > 0 and plan["flash_working_set_bytes"] == per * cfg.get("threads", 1)
+    # threads 0 (the default) is every core; the plan says how many.
+    threads = cfg.get("threads", 0) or plan["threads"]
+    assert threads >= 1 and plan["threads"] == threads
+    assert per > 0 and plan["flash_working_set_bytes"] == per * threads
     other = dict(cfg, seq=cfg["seq"] * 2 + 1, batch=cfg.get("batch", 1) + 1)
     assert qkv.memory_plan(**other)["flash_working_set_bytes_per_thread"] == per
 
@@ -650,7 +656,8 @@ def test_memory_plan_equals_cli_json(cfg):
     """qkv.memory_plan prints the same numbers as `qkv memory --json`."""
     args = [CLI, "memory", "--json"]
     for key, value in cfg.items():
-        args += ["--" + key.replace("_", "-"), str(value)]
+        flag = {"window": "cache_window", "dtype": "cache_dtype"}.get(key, key)
+        args += ["--" + flag.replace("_", "-"), str(value)]
     try:
         r = subprocess.run(args, capture_output=True, text=True, timeout=20)
         cli = json.loads(r.stdout) if r.returncode == 0 else None
