@@ -57,6 +57,7 @@ int RunCommandLine(int argc, char** argv, std::FILE* err,
       AddEmbedCommand(app),      AddTokenizeCommand(app), AddPatternsCommand(app),
       AddExplainCommand(app),    AddHeatmapCommand(app),  AddGenerateCommand(app),
       AddLogitsCommand(app),     AddPerplexityCommand(app), AddReportCommand(app),
+      AddSparseCommand(app),
   };
   const std::vector<CLI::App*> all = app.get_subcommands({});  // in the order added
   if (adjust) adjust(app);
@@ -69,7 +70,7 @@ int RunCommandLine(int argc, char** argv, std::FILE* err,
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
     if (argc > 1 && argv[1][0] != '-' && app.get_subcommands().empty()) {
-      std::fprintf(err, "qkv: unknown command '%s' (expected attend, backward, demo, bench, decode, memory, mha, positions, classic, embed, tokenize, generate, logits, perplexity, patterns, explain, heatmap or report; see qkv --help)\n",
+      std::fprintf(err, "qkv: unknown command '%s' (expected attend, backward, demo, bench, decode, memory, mha, positions, classic, embed, tokenize, generate, logits, perplexity, patterns, explain, heatmap, report or sparse; see qkv --help)\n",
                    Printable(argv[1]).c_str());
       return 2;
     }

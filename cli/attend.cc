@@ -116,6 +116,11 @@ int RunAttend(const AttendFlags& f) {
     std::printf("kernel: %s (%s); %s; threads %d; scratch %s\n", KernelName(info.kernel),
                 info.reason.c_str(), info.simd_target.c_str(), info.threads,
                 HumanBytes(static_cast<double>(info.scratch_bytes)).c_str());
+    if (info.kernel == Kernel::kFlash) {
+      std::printf("tiles: %lld of 64 query rows x 64 keys computed (causal, window, key-length "
+                  "and block-sparse skipping applied)\n",
+                  static_cast<long long>(info.tiles));
+    }
     std::printf("build: %s\n", BuildInfo().c_str());
   }
   if (random) {

@@ -19,6 +19,15 @@ void AddAttentionFlags(CLI::App* cmd, AttentionFlags& f, const std::string& tens
   cmd->add_option("--window", f.window,
                   "Sliding window LEFT RIGHT: i+Nk-Nq-LEFT <= j <= i+Nk-Nq+RIGHT; -1 = unbounded")
       ->expected(2);
+  auto* sparse = cmd->add_option(
+      "--sparse", f.sparse,
+      "Block-sparse layout of 64 x 64 tiles, only those computed: bigbird:window=3,global=2,"
+      "random=3,seed=0 | longformer:window=3,global=T1+T2 | strided:stride=4 | "
+      "fixed:stride=4,summary=1 (docs/masks.md)");
+  auto* block_mask = cmd->add_option(
+      "--block-mask", f.block_mask,
+      "Block-sparse layout .npy, bool [B|1,H|1,ceil(Nq/64),ceil(Nk/64)]: true = tile computed");
+  sparse->excludes(block_mask);
   cmd->add_option("--key-lengths", f.key_lengths,
                   "Per-batch valid key counts .npy, int32/int64 [B]; keys j >= length are padding");
   cmd->add_option("--scale", f.scale, "Score scale (default 1/sqrt(Dk))");
@@ -134,6 +143,28 @@ void ResolveMask(const AttentionFlags& f, const Shape4& target, MaskInputs* in, 
                   " (expected bool, or float32/float16/float64 additive)");
     }
     spec->mask = BroadcastMask(in->mask.bytes.data(), in->mask.dtype, in->mask.shape, target);
+  }
+  if (!f.sparse.empty()) {
+    in->layout = ParseSparseLayout(f.sparse, target[2], target[3], "sparse");
+    spec->block_mask = in->layout.View();
+  }
+  if (!f.block_mask.empty()) {
+    in->block_mask = ReadFlag(f.block_mask, "--block-mask");
+    const NpyArray& a = in->block_mask;
+    const Shape4 want{target[0], target[1], SparseBlocks(target[2]), SparseBlocks(target[3])};
+    if (a.dtype != DType::kBool) {
+      throw Error("--block-mask: " + f.block_mask + " has dtype " + DTypeName(a.dtype) +
+                  " (expected bool: true = the 64 x 64 tile is computed)");
+    }
+    try {
+      // Batch and heads may broadcast (NumPy rules); the block dims may not.
+      spec->block_mask = BroadcastMask(a.bytes.data(), a.dtype, a.shape, want);
+      if (spec->block_mask.strides[2] == 0 && want[2] > 1) throw Error("");
+      if (spec->block_mask.strides[3] == 0 && want[3] > 1) throw Error("");
+    } catch (const Error&) {
+      throw Error("--block-mask: " + f.block_mask + " has shape " + NpyShapeString(a.shape) +
+                  " (expected [B|1, H|1, ceil(Nq/64), ceil(Nk/64)] = " + ShapeString(want) + ")");
+    }
   }
   if (!f.key_lengths.empty()) {
     in->lengths = ReadFlag(f.key_lengths, "--key-lengths");

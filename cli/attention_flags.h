@@ -15,12 +15,14 @@
 
 #include "qkv/mask.h"
 #include "qkv/npy.h"
+#include "qkv/sparse.h"
 #include "qkv/tensor.h"
 
 namespace qkv::cli {
 
 struct AttentionFlags {
   std::string mask, key_lengths;
+  std::string sparse, block_mask;  // block-sparse layout: a spec (qkv/sparse.h) or a .npy
   bool causal = false;
   bool causal_top_left = false;
   std::vector<int64_t> window;
@@ -71,8 +73,9 @@ void CheckRandomShapeDims(const AttentionFlags& f);
 
 // The arrays behind a MaskSpec, kept alive while it is used.
 struct MaskInputs {
-  NpyArray mask, lengths;
+  NpyArray mask, lengths, block_mask;
   std::vector<int64_t> key_lengths;
+  BlockLayout layout;  // from --sparse
 };
 
 // Fills `spec` from the mask flags for attention of shape `target` = [batch,

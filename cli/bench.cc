@@ -25,6 +25,7 @@
 #include "qkv/attention.h"
 #include "qkv/attention_backward.h"
 #include "qkv/error.h"
+#include "qkv/sparse.h"
 
 namespace qkv::cli {
 namespace {
@@ -34,6 +35,7 @@ struct BenchFlags {
   int64_t kv_heads = 0;
   int64_t seq_kv = -1;
   bool causal = false;
+  std::string sparse;  // block-sparse layout spec (qkv/sparse.h)
   int threads = 0;
   std::string kernel = "auto";
   std::string dtype = "f32";
@@ -121,6 +123,11 @@ int RunBench(const BenchFlags& f) {
   p.v = TensorView::Contiguous(v.data(), dtype, {batch, kv_heads, seq_kv, dim});
   p.out = MutableTensorView::Contiguous(out.data(), dtype, {batch, heads, seq_q, dim});
   p.mask.causal = f.causal;
+  BlockLayout layout;
+  if (!f.sparse.empty()) {
+    layout = ParseSparseLayout(f.sparse, seq_q, seq_kv, "sparse");
+    p.mask.block_mask = layout.View();
+  }
   p.kernel = KernelFromName(f.kernel);
   p.num_threads = f.threads;
 
@@ -167,7 +174,9 @@ int RunBench(const BenchFlags& f) {
       {"gflops", flops / median * 1e-9},
       {"peak_rss_bytes", PeakRssBytes()}, {"kernel", KernelName(info.kernel)},
       {"kernel_reason", info.reason}, {"threads", info.threads},
-      {"simd_target", info.simd_target}, {"scratch_bytes", info.scratch_bytes}};
+      {"simd_target", info.simd_target}, {"scratch_bytes", info.scratch_bytes},
+      {"sparse", f.sparse}, {"tiles", info.tiles},
+      {"tiles_present", f.sparse.empty() ? nlohmann::json(nullptr) : nlohmann::json(layout.Count())}};
   if (f.json) {
     std::printf("%s\n", j.dump().c_str());
   } else {
@@ -193,6 +202,10 @@ Runner AddBenchCommand(CLI::App& app) {
   f.prefill_only.push_back(cmd->add_option("--seq-kv", f.seq_kv, "Key count Nk (default N)"));
   f.prefill_only.push_back(
       cmd->add_flag("--causal", f.causal, "Causal (bottom-right); flops count allowed pairs only"));
+  f.prefill_only.push_back(cmd->add_option(
+      "--sparse", f.sparse,
+      "Block-sparse layout of 64 x 64 tiles, only those computed (as qkv attend --sparse); "
+      "flops count the pairs of the tiles present"));
   cmd->add_option("--threads", f.threads, "Threads (0 = all cores)")->capture_default_str();
   f.prefill_only.push_back(cmd->add_option("--kernel", f.kernel, "Kernel")
                                ->check(CLI::IsMember(KernelNames()))

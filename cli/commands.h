@@ -42,6 +42,7 @@ Runner AddPatternsCommand(CLI::App& app);
 Runner AddExplainCommand(CLI::App& app);
 Runner AddHeatmapCommand(CLI::App& app);
 Runner AddReportCommand(CLI::App& app);
+Runner AddSparseCommand(CLI::App& app);
 Runner AddGenerateCommand(CLI::App& app);
 Runner AddLogitsCommand(CLI::App& app);
 Runner AddPerplexityCommand(CLI::App& app);

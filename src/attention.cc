@@ -94,6 +94,26 @@ Problem ValidateInputs(const TensorView& q, const TensorView& k, const TensorVie
       }
     }
   }
+  if (m.block_mask.data != nullptr) {
+    const TensorView& bm = m.block_mask;
+    const auto blocks = [](int64_t n) { return (n + kSparseBlock - 1) / kSparseBlock; };
+    const Shape4 target{pr.batch, pr.num_q_heads, blocks(pr.seq_q), blocks(pr.seq_kv)};
+    if (bm.dtype != DType::kBool) {
+      throw Error(std::string("block_mask: dtype ") + DTypeName(bm.dtype) +
+                  " (expected bool: nonzero = the 64 x 64 tile is present)");
+    }
+    for (int d = 0; d < 4; ++d) {
+      const bool broadcast = bm.shape[d] == 1 && bm.strides[d] == 0 && d < 2;
+      if (bm.shape[d] != target[d] && !broadcast) {
+        throw Error("block_mask: shape " + ShapeString(bm.shape) + " (expected " +
+                    ShapeString(target) + ": [batch|1, num_q_heads|1, ceil(seq_q / 64), " +
+                    "ceil(seq_kv / 64)])");
+      }
+      if (bm.strides[d] < 0) {
+        throw Error("block_mask: negative stride (expected a row-major or broadcast view)");
+      }
+    }
+  }
   pr.scale = scale.value_or(DefaultScale(pr.head_dim));
   if (!std::isfinite(pr.scale)) {
     throw Error("scale: " + std::to_string(pr.scale) + " (expected a finite number)");
@@ -174,6 +194,7 @@ AttentionInfo Choose(const AttentionParams& params) {
 // 128-byte file), and the kernels would loop over all of them for every row.
 bool LseOnlyClosedForm(const AttentionParams& params, const Problem& pr) {
   if (pr.head_dim != 0 || pr.head_dim_v != 0 || params.weights.present()) return false;
+  if (params.mask.block_mask.data != nullptr) return false;  // n would need the blocks
   if (!params.lse.present() || params.lse.numel() == 0) return false;
   const TensorView& m = params.mask.mask;
   return !m.present() || pr.seq_kv <= 1 || m.strides[3] == 0;
@@ -264,7 +285,7 @@ AttentionInfo Attention(const AttentionParams& params) {
     return info;
   }
   if (info.kernel == Kernel::kFlash) {
-    internal::FlashAttention(params, problem);
+    info.tiles = internal::FlashAttention(params, problem);
   } else {
     internal::ReferenceAttention(params, problem);
   }

@@ -1,4 +1,6 @@
 // NumPy broadcasting of explicit masks to [batch, num_q_heads, seq_q, seq_kv].
+#include <algorithm>
+
 #include "qkv/error.h"
 #include "qkv/mask.h"
 #include "qkv/npy.h"
@@ -39,7 +41,14 @@ int64_t CountAllowedPairs(const MaskSpec& mask, int64_t batch, int64_t seq_q, in
     const int64_t key_length = mask.key_lengths.empty() ? seq_kv : mask.key_lengths[b];
     for (int64_t i = 0; i < seq_q; ++i) {
       const internal::KeyRange r = internal::RowKeyRange(mask, seq_q, seq_kv, i, key_length);
-      pairs += r.hi - r.lo;
+      if (!mask.block_mask.present()) {
+        pairs += r.hi - r.lo;
+        continue;
+      }
+      for (int64_t kb = r.lo / kSparseBlock; kb * kSparseBlock < r.hi; ++kb) {
+        if (!internal::BlockPresent(mask, b, 0, i, kb)) continue;
+        pairs += std::min(r.hi, (kb + 1) * kSparseBlock) - std::max(r.lo, kb * kSparseBlock);
+      }
     }
   }
   return pairs;

@@ -31,6 +31,14 @@ inline KeyRange RowKeyRange(const MaskSpec& mask, int64_t seq_q, int64_t seq_kv,
   return {lo, std::max(lo, hi)};
 }
 
+// True when the block-sparse layout (if any) lets query i of (b, h) attend
+// the keys of key block kb (keys [kb * kSparseBlock, (kb + 1) * kSparseBlock)).
+inline bool BlockPresent(const MaskSpec& mask, int64_t b, int64_t h, int64_t i, int64_t kb) {
+  const TensorView& bm = mask.block_mask;
+  if (bm.data == nullptr) return true;
+  return static_cast<const uint8_t*>(bm.data)[bm.Offset(b, h, i / kSparseBlock, kb)] != 0;
+}
+
 }  // namespace qkv::internal
 
 #endif  // QKV_SRC_MASK_RULES_H_

@@ -144,6 +144,7 @@ inline BackwardOracleResult BackwardOracle(const Case& c, const std::vector<doub
           if (c.window_right >= 0 && !(j <= i + diag + c.window_right)) ok = false;
           if (!c.key_lengths.empty() && !(j < c.key_lengths[b])) ok = false;
           if (!c.bool_mask.empty() && !c.bool_mask[row * NK + j]) ok = false;
+          if (!c.block_mask.empty() && !c.block_mask[BlockIndex(c, b, h, i, j)]) ok = false;
           const double add = c.add_mask.empty() ? 0.0 : c.add_mask[row * NK + j];
           if (add == -inf) ok = false;
           double dot = 0.0, dot_abs = 0.0;
@@ -399,6 +400,10 @@ class BackwardSetup {
     } else if (has_bool) {
       for (double x : own) bool_mask_.push_back(x == 0.0 ? 1 : 0);
       f.mask.mask = TensorView{bool_mask_.data(), DType::kBool, view_shape, mstrides};
+    }
+    if (!c.block_mask.empty()) {
+      f.mask.block_mask = TensorView::Contiguous(c.block_mask.data(), DType::kBool,
+                                                 {B, H, (NQ + 63) / 64, (NK + 63) / 64});
     }
     if (c.scale != 0.0) f.scale = c.scale;
     f.kernel = o.forward_kernel, f.accumulate = o.accumulate, f.num_threads = o.threads;

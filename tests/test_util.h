@@ -33,8 +33,17 @@ struct Case {
   std::vector<int64_t> key_lengths;  // [batch] or empty
   std::vector<uint8_t> bool_mask;    // full [b, h, i, j] or empty; 1 = attend
   std::vector<double> add_mask;      // full [b, h, i, j] or empty
+  // Block-sparse tiles, full [b, h, ceil(seq_q / 64), ceil(seq_kv / 64)] or
+  // empty; 1 = the 64 x 64 tile holding (i, j) is present.
+  std::vector<uint8_t> block_mask;
   double scale = 0.0;                // 0: 1/sqrt(head_dim)
 };
+
+// Index of the tile holding (b, h, i, j) in Case::block_mask.
+inline int64_t BlockIndex(const Case& c, int64_t b, int64_t h, int64_t i, int64_t j) {
+  const int64_t qb = (c.seq_q + 63) / 64, kb = (c.seq_kv + 63) / 64;
+  return ((b * c.num_q_heads + h) * qb + i / 64) * kb + j / 64;
+}
 
 struct OracleResult {
   std::vector<double> out;      // [b, h, i, dv]
@@ -77,6 +86,7 @@ inline OracleResult Oracle(const Case& c) {
           if (!c.key_lengths.empty() && !(j < c.key_lengths[b])) ok = false;
           const int64_t mi = row * NK + j;
           if (!c.bool_mask.empty() && !c.bool_mask[mi]) ok = false;
+          if (!c.block_mask.empty() && !c.block_mask[BlockIndex(c, b, h, i, j)]) ok = false;
           double add = c.add_mask.empty() ? 0.0 : c.add_mask[mi];
           if (add == -inf) ok = false;
           double dot = 0.0, dot_abs = 0.0;
@@ -221,6 +231,10 @@ inline Result RunQkv(const Case& c, Accumulate acc = Accumulate::kFloat32, int t
   }
   if (!c.add_mask.empty())
     p.mask.mask = TensorView::Contiguous(add.data(), DType::kFloat32, {B, H, NQ, NK});
+  if (!c.block_mask.empty()) {
+    p.mask.block_mask = TensorView::Contiguous(c.block_mask.data(), DType::kBool,
+                                               {B, H, (NQ + 63) / 64, (NK + 63) / 64});
+  }
   if (c.scale != 0.0) p.scale = c.scale;
   p.accumulate = acc;
   p.num_threads = threads;

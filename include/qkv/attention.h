@@ -64,6 +64,10 @@ struct AttentionInfo {
   int64_t scratch_bytes = 0;  // working memory the kernel allocated
   int threads = 1;
   std::string simd_target;    // e.g. "AVX3" (Highway target) or "baseline"
+  // Flash: K/V tiles computed, one per (work item of 64 query rows of a KV
+  // head's group, key block of 64) with some allowed pair; skipped tiles
+  // (causal, window, key lengths, block-sparse) are not counted. 0 otherwise.
+  int64_t tiles = 0;
 };
 
 // Computes attention as documented above. Validates every view, the mask and

@@ -13,6 +13,11 @@
 //   boolean mask      mask[b,h,i,j] == true         (true = attend, as in
 //                     torch's scaled_dot_product_attention)
 //   additive mask     mask[b,h,i,j] != -inf; the value is added to the score
+//   block-sparse      block_mask[b,h,i/64,j/64] == true: the 64 x 64 tile of
+//                     queries and keys holding (i, j) is present (qkv/sparse.h
+//                     builds BigBird, Longformer, strided and fixed layouts);
+//                     absent tiles are never computed, so the work is
+//                     proportional to the tiles present
 //
 // Bottom-right alignment puts the last query on the last key, as
 // FlashAttention (>= 2.1) and KV-cache decoding need: with seq_q = 1 the one
@@ -41,6 +46,10 @@ namespace qkv {
 
 enum class Alignment : uint8_t { kBottomRight, kTopLeft };
 
+// Tile edge of MaskSpec::block_mask: the flash kernels' key block (64), so a
+// tile is either computed whole or skipped before any K/V row is read.
+inline constexpr int64_t kSparseBlock = 64;
+
 struct MaskSpec {
   Alignment alignment = Alignment::kBottomRight;
   bool causal = false;
@@ -48,6 +57,12 @@ struct MaskSpec {
   int64_t window_right = -1;  // -1: unbounded
   // [batch] valid key counts, each in [0, seq_kv]; empty: no padding.
   std::span<const int64_t> key_lengths;
+  // Block-sparse layout: DType::kBool [batch|1, num_q_heads|1,
+  // ceil(seq_q / kSparseBlock), ceil(seq_kv / kSparseBlock)], stride 0 on
+  // each broadcast dimension, nonzero = the tile is present. Blocks follow
+  // query and key indices (i / 64, j / 64) whatever the alignment; the last
+  // block row / column covers the remainder. Absent: every tile present.
+  TensorView block_mask;
   // Boolean (DType::kBool, one byte, nonzero = attend) or additive
   // (kFloat32 / kFloat64 / kFloat16) mask, [batch|1, num_q_heads|1, seq_q|1,
   // seq_kv|1] with stride 0 on each broadcast dimension; absent: none.
@@ -61,9 +76,9 @@ struct MaskSpec {
 TensorView BroadcastMask(const void* data, DType dtype, std::span<const int64_t> shape,
                          const Shape4& target);
 
-// Returns the number of (batch, query, key) pairs that the causal, window and
-// key-length rules allow, summed over the batch (the explicit mask is not
-// counted). Per head, the attention costs 2 * (head_dim + head_dim_v) flops
+// Returns the number of (batch, query, key) pairs that the causal, window,
+// key-length and block-sparse rules allow, summed over the batch (the
+// explicit mask is not counted; a block mask is read for head 0). Per head, the attention costs 2 * (head_dim + head_dim_v) flops
 // for each allowed pair. `mask` must be valid for these sizes.
 int64_t CountAllowedPairs(const MaskSpec& mask, int64_t batch, int64_t seq_q, int64_t seq_kv);
 

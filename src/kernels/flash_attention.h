@@ -14,8 +14,10 @@ namespace qkv::internal {
 int64_t FlashScratchBytes(const Problem& problem);
 
 // Computes out (and lse if present) for valid `params` with
-// accumulate == kFloat32 and no weights output (no checks here).
-void FlashAttention(const AttentionParams& params, const Problem& problem);
+// accumulate == kFloat32 and no weights output (no checks here). Returns the
+// number of (work item, key block) tiles it computed: every tile of the
+// structural, explicit-mask and block-sparse rules' union, none other.
+int64_t FlashAttention(const AttentionParams& params, const Problem& problem);
 
 // Returns the name of the SIMD target the dispatcher picks on this machine,
 // e.g. "AVX3" or "AVX2".

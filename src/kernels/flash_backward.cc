@@ -175,6 +175,7 @@ using DI = hn::RebindToSigned<DF>;
 using VF = hn::Vec<DF>;
 constexpr int64_t kBr = BackwardTraits::kBlockQ;
 constexpr int64_t kBc = BackwardTraits::kBlockKV;
+static_assert(kBc == kSparseBlock, "a block-sparse tile is one key block");
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // Micro-tiles: kRows rows (or head_dim columns) x kVecs vectors of key (or
 // head_dim) lanes = kRows * kVecs accumulators, plus kVecs loaded vectors
@@ -451,7 +452,8 @@ bool Tile(const AttentionBackwardParams& p, const Problem& pr, const BackwardSha
       const KeyRange range = RowKeyRange(p.mask, nq, nk, i, key_length);
       lo = std::clamp<int64_t>(range.lo - j0, 0, cols);
       hi = std::clamp<int64_t>(range.hi - j0, 0, cols);
-      if (hi <= lo) lo = hi = 0;
+      // An absent block-sparse tile is an empty range, as in the forward.
+      if (hi <= lo || !BlockPresent(p.mask, b, h, i, kb)) lo = hi = 0;
     }
     t.rel_lo[r] = static_cast<int32_t>(lo), t.rel_hi[r] = static_cast<int32_t>(hi);
     if (hi > lo) c0 = std::min(c0, lo), c1 = std::max(c1, hi);

@@ -94,6 +94,11 @@ void Run(const AttentionParams& p, const Problem& pr) {
                 s[j] = m == kNegInf ? kNegInf : s[j] + m;  // -inf masks exactly
               }
             }
+            if (p.mask.block_mask.present()) {  // absent tiles: masked, never attended
+              for (int64_t j = range.lo; j < range.hi; ++j) {
+                if (!BlockPresent(p.mask, b, h, i, j / kSparseBlock)) s[j] = kNegInf;
+              }
+            }
             // b. row_max over allowed keys; NaN never wins the comparison.
             T row_max = kNegInf;
             bool any_allowed = false;

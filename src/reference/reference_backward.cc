@@ -112,6 +112,7 @@ void Run(const AttentionBackwardParams& p, const Problem& pr) {
           std::vector<T> dq_r(static_cast<size_t>(dk), T(0));
           if (lse != kNegInf) {
             for (int64_t j = range.lo; j < range.hi; ++j) {
+              if (!BlockPresent(p.mask, b, h, i, j / kSparseBlock)) continue;  // absent tile
               T s = T(0);
               for (int64_t d = 0; d < dk; ++d) s += q_r[d] * k_p[j * dk + d];
               s *= scale;
