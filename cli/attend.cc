@@ -36,7 +36,8 @@ int RunAttend(const AttendFlags& f) {
   if (random && bshd) throw Error("--layout applies to files (expected no --layout with --shape)");
   CheckThreadsFlag(f.threads);
   CheckOutputPaths({{"--q", f.q}, {"--k", f.k}, {"--v", f.v}, {"--mask", f.mask},
-                    {"--key-lengths", f.key_lengths}},
+                    {"--key-lengths", f.key_lengths}, {"--sink-logits", f.sink_logits},
+                    {"--block-mask", f.block_mask}},
                    {{"--out", f.out}, {"--attn-weights", f.weights}, {"--lse", f.lse}});
 
   Input q, k, v;

@@ -28,6 +28,9 @@ void AddAttentionFlags(CLI::App* cmd, AttentionFlags& f, const std::string& tens
       "--block-mask", f.block_mask,
       "Block-sparse layout .npy, bool [B|1,H|1,ceil(Nq/64),ceil(Nk/64)]: true = tile computed");
   sparse->excludes(block_mask);
+  cmd->add_option("--sink-logits", f.sink_logits,
+                  "Learned sink logit per query head .npy, float [H] (gpt-oss): a key of value 0 "
+                  "in every row's softmax denominator; -inf = none for that head");
   cmd->add_option("--key-lengths", f.key_lengths,
                   "Per-batch valid key counts .npy, int32/int64 [B]; keys j >= length are padding");
   cmd->add_option("--scale", f.scale, "Score scale (default 1/sqrt(Dk))");
@@ -165,6 +168,21 @@ void ResolveMask(const AttentionFlags& f, const Shape4& target, MaskInputs* in, 
       throw Error("--block-mask: " + f.block_mask + " has shape " + NpyShapeString(a.shape) +
                   " (expected [B|1, H|1, ceil(Nq/64), ceil(Nk/64)] = " + ShapeString(want) + ")");
     }
+  }
+  if (!f.sink_logits.empty()) {
+    const NpyArray a = ReadFlag(f.sink_logits, "--sink-logits");
+    if ((a.dtype != DType::kFloat32 && a.dtype != DType::kFloat64 && a.dtype != DType::kFloat16) ||
+        a.shape.size() != 1 || a.shape[0] != target[1]) {
+      throw Error("--sink-logits: " + f.sink_logits + " is " + DTypeName(a.dtype) + " " +
+                  NpyShapeString(a.shape) + " (expected a float array of one logit per query head, [" +
+                  std::to_string(target[1]) + "])");
+    }
+    for (int64_t h = 0; h < a.numel(); ++h) {
+      in->sink_logits.push_back(a.dtype == DType::kFloat32   ? a.data<float>()[h]
+                                : a.dtype == DType::kFloat64 ? static_cast<float>(a.data<double>()[h])
+                                                             : HalfToFloat(a.data<uint16_t>()[h]));
+    }
+    spec->sink_logits = in->sink_logits;
   }
   if (!f.key_lengths.empty()) {
     in->lengths = ReadFlag(f.key_lengths, "--key-lengths");

@@ -23,6 +23,7 @@ namespace qkv::cli {
 struct AttentionFlags {
   std::string mask, key_lengths;
   std::string sparse, block_mask;  // block-sparse layout: a spec (qkv/sparse.h) or a .npy
+  std::string sink_logits;         // learned sinks .npy [num_q_heads]
   bool causal = false;
   bool causal_top_left = false;
   std::vector<int64_t> window;
@@ -75,6 +76,7 @@ void CheckRandomShapeDims(const AttentionFlags& f);
 struct MaskInputs {
   NpyArray mask, lengths, block_mask;
   std::vector<int64_t> key_lengths;
+  std::vector<float> sink_logits;
   BlockLayout layout;  // from --sparse
 };
 

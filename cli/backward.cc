@@ -30,7 +30,7 @@ namespace {
 
 struct BackwardFlags : AttentionFlags {
   std::string q, k, v, dout, out, lse;  // inputs
-  std::string dq, dk, dv, dmask;        // outputs
+  std::string dq, dk, dv, dmask, dsink;  // outputs
 };
 
 // Throws unless `in` (read from `path` by `flag`) has the [b, h, s, d]
@@ -95,8 +95,13 @@ int RunBackward(const BackwardFlags& f) {
 
   CheckThreadsFlag(f.threads);
   CheckOutputPaths({{"--q", f.q}, {"--k", f.k}, {"--v", f.v}, {"--dout", f.dout}, {"--out", f.out},
-                    {"--lse", f.lse}, {"--mask", f.mask}, {"--key-lengths", f.key_lengths}},
-                   {{"--dq", f.dq}, {"--dk", f.dk}, {"--dv", f.dv}, {"--dmask", f.dmask}});
+                    {"--lse", f.lse}, {"--mask", f.mask}, {"--key-lengths", f.key_lengths},
+                    {"--sink-logits", f.sink_logits}, {"--block-mask", f.block_mask}},
+                   {{"--dq", f.dq}, {"--dk", f.dk}, {"--dv", f.dv}, {"--dmask", f.dmask},
+                    {"--dsink-logits", f.dsink}});
+  if (!f.dsink.empty() && f.sink_logits.empty()) {
+    throw Error("--dsink-logits: no --sink-logits given (expected --sink-logits S.npy to differentiate)");
+  }
 
   Input q, k, v, dout, out, lse;
   if (random) {
@@ -187,6 +192,8 @@ int RunBackward(const BackwardFlags& f) {
     p.dmask = dmask.view;
   }
 
+  std::vector<float> dsink(f.dsink.empty() ? 0 : mask_inputs.sink_logits.size());
+  p.dsink_logits = dsink;
   const auto start = std::chrono::steady_clock::now();
   const AttentionInfo info = AttentionBackward(p);
   const double seconds =
@@ -198,6 +205,9 @@ int RunBackward(const BackwardFlags& f) {
   if (!f.dv.empty()) outputs.Add(f.dv, v.view.dtype, dv.file_shape, dv.bytes.data());
   if (!f.dmask.empty()) {
     outputs.Add(f.dmask, DType::kFloat32, dmask.file_shape, dmask.bytes.data());
+  }
+  if (!f.dsink.empty()) {
+    outputs.Add(f.dsink, DType::kFloat32, {static_cast<int64_t>(dsink.size())}, dsink.data());
   }
   outputs.Commit();
 
@@ -259,6 +269,8 @@ Runner AddBackwardCommand(CLI::App& app) {
   cmd->add_option("--dmask", f.dmask,
                   "Write the gradient of the float --mask .npy, float32 in the mask's own shape "
                   "(summed over its broadcast dims; reference kernel)");
+  cmd->add_option("--dsink-logits", f.dsink,
+                  "Write the gradient of --sink-logits .npy, float32 [H]");
   AddAttentionFlags(cmd, f, "Q, K, V, out, dout and the gradients");
   return [flags] { return RunBackward(*flags); };
 }

@@ -114,6 +114,19 @@ Problem ValidateInputs(const TensorView& q, const TensorView& k, const TensorVie
       }
     }
   }
+  if (!m.sink_logits.empty()) {
+    if (static_cast<int64_t>(m.sink_logits.size()) != pr.num_q_heads) {
+      throw Error("sink_logits: " + S(static_cast<int64_t>(m.sink_logits.size())) +
+                  " values (expected one per query head, num_q_heads = " + S(pr.num_q_heads) + ")");
+    }
+    for (size_t h = 0; h < m.sink_logits.size(); ++h) {
+      const float x = m.sink_logits[h];
+      if (std::isnan(x) || x == std::numeric_limits<float>::infinity()) {
+        throw Error("sink_logits[" + S(static_cast<int64_t>(h)) + "]: " + std::to_string(x) +
+                    " (expected a finite logit, or -inf for no sink)");
+      }
+    }
+  }
   pr.scale = scale.value_or(DefaultScale(pr.head_dim));
   if (!std::isfinite(pr.scale)) {
     throw Error("scale: " + std::to_string(pr.scale) + " (expected a finite number)");
@@ -195,6 +208,7 @@ AttentionInfo Choose(const AttentionParams& params) {
 bool LseOnlyClosedForm(const AttentionParams& params, const Problem& pr) {
   if (pr.head_dim != 0 || pr.head_dim_v != 0 || params.weights.present()) return false;
   if (params.mask.block_mask.data != nullptr) return false;  // n would need the blocks
+  if (!params.mask.sink_logits.empty()) return false;
   if (!params.lse.present() || params.lse.numel() == 0) return false;
   const TensorView& m = params.mask.mask;
   return !m.present() || pr.seq_kv <= 1 || m.strides[3] == 0;

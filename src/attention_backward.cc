@@ -3,6 +3,8 @@
 // assumes valid input (as attention.cc does for the forward).
 #include "qkv/attention_backward.h"
 
+#include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -11,6 +13,7 @@
 #include "qkv/error.h"
 #include "reference/reference_attention.h"
 #include "reference/reference_backward.h"
+#include "reference/reference_util.h"
 #include "validate.h"
 
 namespace qkv {
@@ -53,7 +56,38 @@ Problem Validate(const AttentionBackwardParams& p) {
     CheckShape("dmask", p.dmask.shape, internal::MaskOwnShape(p.mask.mask),
                "the mask's own shape, 1 on each broadcast (stride 0) dim");
   }
+  if (!p.dsink_logits.empty()) {
+    if (p.mask.sink_logits.empty()) {
+      throw Error("dsink_logits: no sink_logits given (expected mask.sink_logits to differentiate)");
+    }
+    if (static_cast<int64_t>(p.dsink_logits.size()) != pr.num_q_heads) {
+      throw Error("dsink_logits: " + S(static_cast<int64_t>(p.dsink_logits.size())) +
+                  " values (expected one per query head, num_q_heads = " + S(pr.num_q_heads) + ")");
+    }
+  }
   return pr;
+}
+
+// dsink[h] = -sum_{b,i} exp(sink[h] - lse) (dout . out), in double, rows in
+// order (no dependence on threads).
+void SinkGradient(const AttentionBackwardParams& p, const Problem& pr) {
+  for (int64_t h = 0; h < pr.num_q_heads; ++h) {
+    const double sink = p.mask.sink_logits[static_cast<size_t>(h)];
+    double sum = 0.0;
+    if (sink != -std::numeric_limits<double>::infinity()) {
+      for (int64_t b = 0; b < pr.batch; ++b)
+        for (int64_t i = 0; i < pr.seq_q; ++i) {
+          const double lse = internal::LoadAs<double>(p.lse.data, p.lse.dtype, p.lse.Offset(b, h, i, 0));
+          double d = 0.0;
+          for (int64_t n = 0; n < pr.head_dim_v; ++n) {
+            d += internal::LoadAs<double>(p.dout.data, p.dout.dtype, p.dout.Offset(b, h, i, n)) *
+                 internal::LoadAs<double>(p.out.data, p.out.dtype, p.out.Offset(b, h, i, n));
+          }
+          sum += std::exp(sink - lse) * d;
+        }
+    }
+    p.dsink_logits[static_cast<size_t>(h)] = static_cast<float>(-sum);
+  }
 }
 
 // Picks the kernel and says why; float64 accumulation and dmask exist only in
@@ -123,7 +157,7 @@ AttentionInfo AttentionBackward(const AttentionBackwardParams& params) {
   internal::CheckScratch(info);
   // Nothing to write: return before looping over dims that may be huge.
   if (params.dq.numel() == 0 && params.dk.numel() == 0 && params.dv.numel() == 0 &&
-      (!params.dmask.present() || params.dmask.numel() == 0)) {
+      (!params.dmask.present() || params.dmask.numel() == 0) && params.dsink_logits.empty()) {
     return info;
   }
 
@@ -156,6 +190,7 @@ AttentionInfo AttentionBackward(const AttentionBackwardParams& params) {
   } else {
     internal::ReferenceBackward(p, problem);
   }
+  if (!p.dsink_logits.empty()) SinkGradient(p, problem);
   return info;
 }
 

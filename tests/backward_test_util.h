@@ -51,6 +51,7 @@ struct BackwardOracleResult {
   std::vector<double> ds;        // dS [b, h, i, j]: dmask before any reduction; 0 if skipped
   std::vector<uint8_t> allowed;  // [b, h, i, j]: 1 where the pair has a score
   std::vector<double> dq_bound, dk_bound, dv_bound, ds_bound;  // same shapes
+  std::vector<double> dsink;     // [h]: the learned sinks' gradient (Case::sink_logits)
 };
 
 // What a kernel's error bound depends on (see BackwardOracle's derivation).
@@ -119,6 +120,7 @@ inline BackwardOracleResult BackwardOracle(const Case& c, const std::vector<doub
   r.dv.assign(B * G * NK * DV, 0.0);
   r.ds.assign(B * H * NQ * NK, 0.0);
   r.allowed.assign(B * H * NQ * NK, 0);
+  r.dsink.assign(H, 0.0);
   if (em) {
     r.dq_bound.assign(r.dq.size(), 0.0), r.dk_bound.assign(r.dk.size(), 0.0);
     r.dv_bound.assign(r.dv.size(), 0.0), r.ds_bound.assign(r.ds.size(), 0.0);
@@ -155,12 +157,15 @@ inline BackwardOracleResult BackwardOracle(const Case& c, const std::vector<doub
           if (allowed[j]) any = true, a_mag = std::max(a_mag, abs_scale * dot_abs + std::fabs(add));
         }
         if (!any) continue;  // fully masked: dq = 0, adds nothing
-        // 2. Softmax with its own max and sum; out and lse.
-        double m = -inf, l = 0.0;
+        // 2. Softmax with its own max and sum (a learned sink adds exp(sink)
+        // to the sum: a key of value 0); out and lse.
+        const double sink = c.sink_logits.empty() ? -inf : c.sink_logits[h];
+        double m = sink, l = 0.0;
         for (int64_t j = 0; j < NK; ++j)
           if (allowed[j]) m = std::max(m, s[j]);
         for (int64_t j = 0; j < NK; ++j)
           if (allowed[j]) l += std::exp(s[j] - m);
+        if (sink != -inf) l += std::exp(sink - m);
         r.lse[row] = m + std::log(l);
         double* out = r.out.data() + row * DV;
         for (int64_t j = 0; j < NK; ++j) {
@@ -168,9 +173,11 @@ inline BackwardOracleResult BackwardOracle(const Case& c, const std::vector<doub
           if (allowed[j])
             for (int64_t d = 0; d < DV; ++d) out[d] += p[j] * v_at(j)[d];
         }
-        // 3. D_i, dP, dS and the gradients.
+        // 3. D_i, dP, dS and the gradients; the sink's: its weight times
+        // (dP = 0 - D_i).
         double di = 0.0, di_abs = 0.0;
         for (int64_t d = 0; d < DV; ++d) di += dout_i[d] * out[d], di_abs += std::fabs(dout_i[d] * out[d]);
+        if (sink != -inf) r.dsink[h] -= std::exp(sink - m) / l * di;
         double* dq = r.dq.data() + row * D;
         for (int64_t j = 0; j < NK; ++j) {
           if (!allowed[j]) continue;
@@ -324,7 +331,7 @@ inline BackwardOptions Options(Kernel kernel, Accumulate acc = Accumulate::kFloa
 
 // What one run gave, in double, bhsd order; dmask row-major in its shape.
 struct BackwardResult {
-  std::vector<double> dq, dk, dv, dmask;
+  std::vector<double> dq, dk, dv, dmask, dsink;
   std::vector<double> out, lse;  // what the forward wrote (and the backward was given)
   AttentionInfo info;
   bool gaps_untouched = true;  // BackwardSetup::GapsUntouched after the call
@@ -405,6 +412,8 @@ class BackwardSetup {
       f.mask.block_mask = TensorView::Contiguous(c.block_mask.data(), DType::kBool,
                                                  {B, H, (NQ + 63) / 64, (NK + 63) / 64});
     }
+    sinks_.assign(c.sink_logits.begin(), c.sink_logits.end());
+    f.mask.sink_logits = sinks_;
     if (c.scale != 0.0) f.scale = c.scale;
     f.kernel = o.forward_kernel, f.accumulate = o.accumulate, f.num_threads = o.threads;
     Attention(f);
@@ -421,6 +430,10 @@ class BackwardSetup {
       params.dmask = MutableTensorView::Contiguous(dmask_.data(), o.grad, mask_shape_);
     }
     params.kernel = o.kernel, params.accumulate = o.accumulate, params.num_threads = o.threads;
+    if (!sinks_.empty()) {
+      dsink_.assign(sinks_.size(), -12345.0f);
+      params.dsink_logits = dsink_;
+    }
   }
   BackwardSetup(const BackwardSetup&) = delete;
 
@@ -453,6 +466,7 @@ class BackwardSetup {
     for (int64_t e = 0; e < B * H * c_.seq_q; ++e) r.lse.push_back(DecodeAt(lse_, o_.fwd, e));
     for (size_t e = 0; e < dmask_.size() / DTypeSize(o_.grad); ++e)
       r.dmask.push_back(DecodeAt(dmask_, o_.grad, int64_t(e)));
+    r.dsink.assign(dsink_.begin(), dsink_.end());
     return r;
   }
 
@@ -503,6 +517,7 @@ class BackwardSetup {
   Shape4 mask_shape_{};
   std::vector<unsigned char> q_, k_, v_, dout_, mask_;
   std::vector<uint8_t> bool_mask_;
+  std::vector<float> sinks_, dsink_;
 };
 
 // Runs qkv::Attention then qkv::AttentionBackward on `c` as `o` says.

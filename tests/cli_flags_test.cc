@@ -84,6 +84,7 @@ const std::map<std::string, std::string>& Meanings() {
       {"--seq", "sequence length|number of positions"},
       {"--seq-kv", "key count|keys"},
       {"--shape", "b,h,n,d"},
+      {"--sink-logits", "sink logit"},
       {"--sinks", "first tokens kept"},
       {"--sparse", "block-sparse layout"},
       {"--text", "text"},

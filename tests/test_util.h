@@ -36,6 +36,7 @@ struct Case {
   // Block-sparse tiles, full [b, h, ceil(seq_q / 64), ceil(seq_kv / 64)] or
   // empty; 1 = the 64 x 64 tile holding (i, j) is present.
   std::vector<uint8_t> block_mask;
+  std::vector<double> sink_logits;   // [num_q_heads] learned sinks or empty (float32 values)
   double scale = 0.0;                // 0: 1/sqrt(head_dim)
 };
 
@@ -99,7 +100,8 @@ inline OracleResult Oracle(const Case& c) {
           mag[j] = std::fabs(scale) * dot_abs + std::fabs(add);
           allowed[j] = ok && s[j] != -inf;
         }
-        // 2. Row max and sum over allowed keys.
+        // 2. Row max and sum over allowed keys, and a learned sink: one more
+        // term exp(sink) in the denominator (a key of value 0).
         double m = -inf;
         bool any = false;
         for (int64_t j = 0; j < NK; ++j)
@@ -108,11 +110,17 @@ inline OracleResult Oracle(const Case& c) {
             m = std::isnan(s[j]) || std::isnan(m) ? std::nan("") : std::max(m, s[j]);
             r.score_mag[row] = std::max(r.score_mag[row], mag[j]);
           }
-        if (!any) continue;  // fully masked: zeros, lse -inf
-        double l = 0.0;
+        const double sink = c.sink_logits.empty() ? -inf : c.sink_logits[h];
+        if (!any) {  // fully masked: zeros; lse -inf, or the sink's logit
+          r.lse[row] = sink;
+          continue;
+        }
+        if (sink != -inf) m = std::max(m, sink);
+        double l = sink == -inf ? 0.0 : std::exp(sink - m);
         for (int64_t j = 0; j < NK; ++j)
           if (allowed[j]) l += std::exp(s[j] - m);
         r.lse[row] = m + std::log(l);
+        if (sink != -inf) r.score_mag[row] = std::max(r.score_mag[row], std::fabs(sink));
         // 3. Weights and output.
         for (int64_t j = 0; j < NK; ++j) {
           if (!allowed[j]) continue;
@@ -235,6 +243,8 @@ inline Result RunQkv(const Case& c, Accumulate acc = Accumulate::kFloat32, int t
     p.mask.block_mask = TensorView::Contiguous(c.block_mask.data(), DType::kBool,
                                                {B, H, (NQ + 63) / 64, (NK + 63) / 64});
   }
+  const std::vector<float> sinks(c.sink_logits.begin(), c.sink_logits.end());
+  p.mask.sink_logits = sinks;
   if (c.scale != 0.0) p.scale = c.scale;
   p.accumulate = acc;
   p.num_threads = threads;

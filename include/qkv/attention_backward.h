@@ -26,6 +26,7 @@
 #define QKV_ATTENTION_BACKWARD_H_
 
 #include <optional>
+#include <span>
 
 #include "qkv/attention.h"
 
@@ -43,6 +44,11 @@ struct AttentionBackwardParams {
   // Optional: the gradient of an additive (float) mask.mask, in the mask's
   // own shape (its broadcast dims summed).
   MutableTensorView dmask;
+  // Optional: the gradient of mask.sink_logits, [num_q_heads]:
+  //   dsink[h] = -sum over b, i of exp(sink[h] - lse[b,h,i]) (dout . out)[b,h,i]
+  // (a sink takes weight p = exp(sink - lse) and carries value 0), summed in
+  // double in a fixed order.
+  std::span<float> dsink_logits;
   MaskSpec mask;
   std::optional<double> scale;  // default 1 / sqrt(head_dim)
   Kernel kernel = Kernel::kAuto;

@@ -25,6 +25,12 @@
 // follows the same alignment. Key lengths only pad: they do not move the
 // diagonal (it is always computed from the tensor's seq_kv).
 //
+// Learned attention sinks (gpt-oss; MaskSpec::sink_logits): head h has one
+// virtual key with score sink_logits[h] (natural-log units, not scaled) and
+// value 0. It joins every row's softmax denominator, so a row's weights sum
+// to less than 1 and lse includes it: lse = log(sum_j exp(s_j) + exp(sink)).
+// A row with no allowed key then has out = 0 and lse = sink (not -inf).
+//
 // The score of an allowed pair is  s = scale * (q_i . k_j) + mask_value;
 // disallowed pairs are skipped, not given -inf arithmetically, so a NaN or inf
 // in a key or value that a row does not attend never reaches that row.
@@ -63,6 +69,9 @@ struct MaskSpec {
   // query and key indices (i / 64, j / 64) whatever the alignment; the last
   // block row / column covers the remainder. Absent: every tile present.
   TensorView block_mask;
+  // [num_q_heads] learned sink logits (above), each finite or -inf (no sink
+  // for that head); empty: none. Must outlive the call.
+  std::span<const float> sink_logits;
   // Boolean (DType::kBool, one byte, nonzero = attend) or additive
   // (kFloat32 / kFloat64 / kFloat16) mask, [batch|1, num_q_heads|1, seq_q|1,
   // seq_kv|1] with stride 0 on each broadcast dimension; absent: none.

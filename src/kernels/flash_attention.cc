@@ -664,6 +664,27 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, std::atomic<int
       }
     }
 
+    // A learned sink (MaskSpec::sink_logits) joins each row's denominator:
+    // l += 2^(sink2 - m) with sink2 = sink log2(e), and lse = m' + log2(l
+    // 2^(m - m') + 2^(sink2 - m')) with m' = max(m, sink2), in double. A sink
+    // far above m makes l inf: out rounds to 0, as the exact value does in
+    // float. A row without keys keeps out = 0 and gets lse = sink.
+    // row_max_old is free here: it holds each row's natural-log lse.
+    const bool sink = !p.mask.sink_logits.empty();
+    if (sink) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const double s2 = static_cast<double>(p.mask.sink_logits[row_head[r]]) * kLog2E;
+        const double m = row_max[r], l = row_sum[r];
+        if (s2 == -std::numeric_limits<double>::infinity() || l == 0.0) {
+          row_max_old[r] = l == 0.0 ? static_cast<float>(s2 / kLog2E) : LseFromBase2(row_max[r], row_sum[r]);
+          continue;
+        }
+        const double mm = std::max(m, s2);
+        const double ll = l * std::exp2(m - mm) + std::exp2(s2 - mm);
+        row_max_old[r] = static_cast<float>((mm + std::log2(ll)) / kLog2E);
+        row_sum[r] = static_cast<float>(l + std::exp2(s2 - m));
+      }
+    }
     // out = acc / l, lse = (m + log2(l)) ln 2 (m is in base 2); l = 0: no
     // allowed key, zeros and -inf.
     // acc^T / l in place, a vector of rows at a time (the same correctly
@@ -691,7 +712,7 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, std::atomic<int
       }
       if (p.lse.present()) {
         StoreFromFloat(p.lse.data, p.lse.dtype, p.lse.Offset(b, h, i, 0),
-                       empty ? -kInf : LseFromBase2(row_max[r], l));
+                       sink ? row_max_old[r] : empty ? -kInf : LseFromBase2(row_max[r], l));
       }
     }
   }

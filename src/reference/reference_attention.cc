@@ -124,13 +124,26 @@ void Run(const AttentionParams& p, const Problem& pr) {
             }
             // Fully masked row: zeros and lse = -inf (row_sum stays 0).
             const bool empty = !any_allowed;
+            T lse = empty ? kNegInf : row_max + std::log(row_sum);
+            // A learned sink joins the denominator: row_sum + exp(sink -
+            // row_max), taken with the larger of the two as the max.
+            if (!p.mask.sink_logits.empty() && p.mask.sink_logits[h] != -std::numeric_limits<float>::infinity()) {
+              const T sink = static_cast<T>(p.mask.sink_logits[h]);
+              if (empty) {
+                lse = sink;
+              } else {
+                const T m = std::max(row_max, sink);
+                const T l = row_sum * std::exp(row_max - m) + std::exp(sink - m);
+                lse = m + std::log(l);
+                row_sum = l / std::exp(row_max - m);  // the denominator relative to row_max
+              }
+            }
             for (int64_t d = 0; d < dv; ++d) {
               StoreAs<T>(p.out.data, p.out.dtype, p.out.Offset(b, h, i, d),
                          empty ? T(0) : acc[d] / row_sum);
             }
             if (p.lse.present()) {
-              StoreAs<T>(p.lse.data, p.lse.dtype, p.lse.Offset(b, h, i, 0),
-                         empty ? kNegInf : row_max + std::log(row_sum));
+              StoreAs<T>(p.lse.data, p.lse.dtype, p.lse.Offset(b, h, i, 0), lse);
             }
             if (p.weights.present()) {
               for (int64_t j = 0; j < nk; ++j) {
