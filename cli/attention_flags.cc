@@ -1,5 +1,7 @@
 #include "attention_flags.h"
 
+#include <cmath>
+
 #include "common.h"
 #include "qkv/attention.h"
 #include "qkv/error.h"
@@ -28,6 +30,10 @@ void AddAttentionFlags(CLI::App* cmd, AttentionFlags& f, const std::string& tens
       "--block-mask", f.block_mask,
       "Block-sparse layout .npy, bool [B|1,H|1,ceil(Nq/64),ceil(Nk/64)]: true = tile computed");
   sparse->excludes(block_mask);
+  cmd->add_option("--softcap", f.softcap,
+                  "Logit soft-capping C (Gemma 2): s = C tanh(scale q.k / C) before the mask; "
+                  "0 = none")
+      ->capture_default_str();
   cmd->add_option("--sink-logits", f.sink_logits,
                   "Learned sink logit per query head .npy, float [H] (gpt-oss): a key of value 0 "
                   "in every row's softmax denominator; -inf = none for that head");
@@ -134,6 +140,10 @@ std::string RandomShapeFlags(const AttentionFlags& f) {
 
 void ResolveMask(const AttentionFlags& f, const Shape4& target, MaskInputs* in, MaskSpec* spec) {
   spec->causal = f.causal || f.causal_top_left;
+  if (!(f.softcap >= 0.0) || !std::isfinite(f.softcap)) {
+    throw Error("--softcap: " + std::to_string(f.softcap) + " (expected a finite cap > 0, or 0 for none)");
+  }
+  spec->softcap = f.softcap;
   spec->alignment = f.causal_top_left ? Alignment::kTopLeft : Alignment::kBottomRight;
   if (!f.window.empty()) {
     spec->window_left = f.window[0];

@@ -24,6 +24,7 @@ struct AttentionFlags {
   std::string mask, key_lengths;
   std::string sparse, block_mask;  // block-sparse layout: a spec (qkv/sparse.h) or a .npy
   std::string sink_logits;         // learned sinks .npy [num_q_heads]
+  double softcap = 0.0;            // logit soft-capping (0: none)
   bool causal = false;
   bool causal_top_left = false;
   std::vector<int64_t> window;

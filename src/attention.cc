@@ -114,6 +114,9 @@ Problem ValidateInputs(const TensorView& q, const TensorView& k, const TensorVie
       }
     }
   }
+  if (!(m.softcap >= 0.0) || !std::isfinite(m.softcap)) {
+    throw Error("softcap: " + std::to_string(m.softcap) + " (expected a finite cap > 0, or 0 for none)");
+  }
   if (!m.sink_logits.empty()) {
     if (static_cast<int64_t>(m.sink_logits.size()) != pr.num_q_heads) {
       throw Error("sink_logits: " + S(static_cast<int64_t>(m.sink_logits.size())) +
@@ -208,7 +211,7 @@ AttentionInfo Choose(const AttentionParams& params) {
 bool LseOnlyClosedForm(const AttentionParams& params, const Problem& pr) {
   if (pr.head_dim != 0 || pr.head_dim_v != 0 || params.weights.present()) return false;
   if (params.mask.block_mask.data != nullptr) return false;  // n would need the blocks
-  if (!params.mask.sink_logits.empty()) return false;
+  if (!params.mask.sink_logits.empty() || params.mask.softcap > 0) return false;
   if (!params.lse.present() || params.lse.numel() == 0) return false;
   const TensorView& m = params.mask.mask;
   return !m.present() || pr.seq_kv <= 1 || m.strides[3] == 0;

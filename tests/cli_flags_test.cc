@@ -86,6 +86,7 @@ const std::map<std::string, std::string>& Meanings() {
       {"--shape", "b,h,n,d"},
       {"--sink-logits", "sink logit"},
       {"--sinks", "first tokens kept"},
+      {"--softcap", "soft-capping"},
       {"--sparse", "block-sparse layout"},
       {"--text", "text"},
       {"--threads", "0 = all cores"},

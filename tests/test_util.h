@@ -37,6 +37,7 @@ struct Case {
   // empty; 1 = the 64 x 64 tile holding (i, j) is present.
   std::vector<uint8_t> block_mask;
   std::vector<double> sink_logits;   // [num_q_heads] learned sinks or empty (float32 values)
+  double softcap = 0.0;              // > 0: s = C tanh(scale q.k / C) before the mask
   double scale = 0.0;                // 0: 1/sqrt(head_dim)
 };
 
@@ -96,8 +97,10 @@ inline OracleResult Oracle(const Case& c) {
             dot += qd * kd;
             dot_abs += std::fabs(qd * kd);
           }
-          s[j] = scale * dot + add;
-          mag[j] = std::fabs(scale) * dot_abs + std::fabs(add);
+          const double raw = scale * dot;
+          s[j] = (c.softcap > 0 ? c.softcap * std::tanh(raw / c.softcap) : raw) + add;
+          // tanh's own rounding adds ~C u: folded into the magnitude.
+          mag[j] = std::fabs(scale) * dot_abs + std::fabs(add) + c.softcap;
           allowed[j] = ok && s[j] != -inf;
         }
         // 2. Row max and sum over allowed keys, and a learned sink: one more
@@ -245,6 +248,7 @@ inline Result RunQkv(const Case& c, Accumulate acc = Accumulate::kFloat32, int t
   }
   const std::vector<float> sinks(c.sink_logits.begin(), c.sink_logits.end());
   p.mask.sink_logits = sinks;
+  p.mask.softcap = c.softcap;
   if (c.scale != 0.0) p.scale = c.scale;
   p.accumulate = acc;
   p.num_threads = threads;

@@ -31,6 +31,10 @@
 // to less than 1 and lse includes it: lse = log(sum_j exp(s_j) + exp(sink)).
 // A row with no allowed key then has out = 0 and lse = sink (not -inf).
 //
+// Logit soft-capping (Gemma 2; MaskSpec::softcap = C > 0): the scaled score
+// is capped before the mask is added, s = C tanh(scale (q_i . k_j) / C) +
+// mask_value, bounding every score to (-C, C) + mask.
+//
 // The score of an allowed pair is  s = scale * (q_i . k_j) + mask_value;
 // disallowed pairs are skipped, not given -inf arithmetically, so a NaN or inf
 // in a key or value that a row does not attend never reaches that row.
@@ -72,6 +76,8 @@ struct MaskSpec {
   // [num_q_heads] learned sink logits (above), each finite or -inf (no sink
   // for that head); empty: none. Must outlive the call.
   std::span<const float> sink_logits;
+  // > 0: soft-capping (above); 0: none.
+  double softcap = 0.0;
   // Boolean (DType::kBool, one byte, nonzero = attend) or additive
   // (kFloat32 / kFloat64 / kFloat16) mask, [batch|1, num_q_heads|1, seq_q|1,
   // seq_kv|1] with stride 0 on each broadcast dimension; absent: none.

@@ -155,6 +155,7 @@ struct FlashLayout {
 #include "hwy/highway.h"
 #include "kernels/convert-inl.h"
 #include "kernels/exp2-inl.h"
+#include "hwy/contrib/math/math-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace qkv::internal::HWY_NAMESPACE {
@@ -376,6 +377,7 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, std::atomic<int
   const bool has_mask = mask.present();
   const bool sparse = p.mask.block_mask.present();
   int64_t tiles = 0;  // (item, key block) tiles computed, for AttentionInfo
+  const float softcap2 = static_cast<float>(p.mask.softcap * kLog2E);
   const double scale2 = static_cast<double>(pr.scale) * kLog2E;
   int64_t vec_end[kBr];  // per query vector of the item: end of its keys in a block
   HWY_ALIGN float ones[kBr];
@@ -557,6 +559,19 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, std::atomic<int
             QKVecs(nv - s, q_t + v0 + s * nf, dim, k_rows, k_stride, prev, e, s_t + v0 + s * nf);
           }
           prev = e;
+        }
+      }
+
+      // Soft-capping (MaskSpec::softcap = C): S2 = C2 tanh(S2 / C2) with
+      // C2 = C log2(e) (S is in base 2), on every computed key, before the
+      // mask is added. Highway's Tanh; a NaN score stays NaN.
+      if (softcap2 > 0) {
+        const VF c2 = hn::Set(df, softcap2), inv = hn::Set(df, 1.0f / softcap2);
+        for (int64_t r = 0; r < lanes; r += nf) {
+          for (int64_t c = c0; c < vec_end[r / nf]; ++c) {
+            float* sp = s_t + c * kBr + r;
+            hn::Store(hn::Mul(c2, hn::Tanh(df, hn::Mul(hn::Load(df, sp), inv))), df, sp);
+          }
         }
       }
 

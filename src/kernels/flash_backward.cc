@@ -165,6 +165,7 @@ struct BackwardShared {
 #include "hwy/highway.h"
 #include "kernels/convert-inl.h"
 #include "kernels/exp2-inl.h"
+#include "hwy/contrib/math/math-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace qkv::internal::HWY_NAMESPACE {
@@ -398,7 +399,7 @@ struct Tiles {
 // range, bias not -inf, score not -inf) are touched, so a non-finite value
 // reaches exactly the gradients it touches. Writes dq_part rows [0, rows).
 void ScalarTile(const Tiles& t, const Problem& pr, bool has_mask, const float* lse2,
-                const float* d_row, int64_t rows) {
+                const float* d_row, int64_t rows, float pr_softcap2) {
   const int64_t dim = pr.head_dim, dim_v = pr.head_dim_v;
   const float scale = static_cast<float>(pr.scale);
   for (int64_t r = 0; r < rows; ++r) {
@@ -411,12 +412,18 @@ void ScalarTile(const Tiles& t, const Problem& pr, bool has_mask, const float* l
       if (bias == -kInf) continue;
       float s2 = 0.0f;
       for (int64_t d = 0; d < dim; ++d) s2 += q[d] * t.k_t[d * kBc + c];
+      float cap_grad = 1.0f;
+      if (pr_softcap2 > 0) {  // as the vector tile: capped score, 1 - tanh^2
+        const float th = std::tanh(s2 / pr_softcap2);
+        s2 = pr_softcap2 * th;
+        cap_grad = 1.0f - th * th;
+      }
       s2 += bias;
       if (s2 == -kInf) continue;  // skipped, as in the forward
       const float p = std::exp2(std::min(s2 - lse2[r], 128.0f));
       float dp = 0.0f;
       for (int64_t n = 0; n < dim_v; ++n) dp += dout[n] * t.v_t[n * kBc + c];
-      const float ds = scale * (p * (dp - d_row[r]));
+      const float ds = scale * cap_grad * (p * (dp - d_row[r]));
       for (int64_t n = 0; n < dim_v; ++n) t.dv_t[n * kBc + c] += p * dout[n];
       for (int64_t d = 0; d < dim; ++d) t.dk_t[d * kBc + c] += ds * q[d];
       for (int64_t d = 0; d < dim; ++d) dq[d] += ds * t.k_rows[c * t.dim_pad + d];
@@ -509,7 +516,7 @@ bool Tile(const AttentionBackwardParams& p, const Problem& pr, const BackwardSha
   }
   const int64_t rbi = (b * pr.num_kv_heads + g) * sh.row_blocks + rb;
   if (!keys_finite || !sh.rows_finite[rbi]) {
-    ScalarTile(t, pr, has_mask, lse2, d_row, rows);
+    ScalarTile(t, pr, has_mask, lse2, d_row, rows, static_cast<float>(p.mask.softcap * kLog2E));
     return true;
   }
 
@@ -527,6 +534,11 @@ bool Tile(const AttentionBackwardParams& p, const Problem& pr, const BackwardSha
   // row's maximum overflows to inf instead of wrapping the exponent field.
   const VF neg_inf = hn::Set(df, -kInf), cap = hn::Set(df, 128.0f);
   const VF scale = hn::Set(df, static_cast<float>(pr.scale));
+  // Soft-capping: the capped score C2 tanh(S2 / C2) (base 2, as the forward)
+  // and dS times its derivative 1 - tanh^2 for dK and dQ.
+  const float softcap2 = static_cast<float>(p.mask.softcap * kLog2E);
+  const VF c2 = hn::Set(df, softcap2), inv_c2 = hn::Set(df, softcap2 > 0 ? 1.0f / softcap2 : 0.0f);
+  const VF one = hn::Set(df, 1.0f);
   const auto lane = hn::Iota(di, 0);
   for (int64_t r = 0; r < rows; ++r) {
     const VF l2 = hn::Set(df, lse2[r]), dr = hn::Set(df, d_row[r]);
@@ -535,6 +547,12 @@ bool Tile(const AttentionBackwardParams& p, const Problem& pr, const BackwardSha
     float* dp_r = t.dp + r * kBc;
     for (int64_t v = v0; v < v1; ++v) {
       VF sv = hn::Load(df, s_r + v * nf);
+      VF cap_grad = one;
+      if (softcap2 > 0) {
+        const VF th = hn::Tanh(df, hn::Mul(sv, inv_c2));
+        sv = hn::Mul(c2, th);
+        cap_grad = hn::NegMulAdd(th, th, one);
+      }
       VF bv = hn::Zero(df);
       if (has_mask) {
         bv = hn::Load(df, t.bias + r * kBc + v * nf);
@@ -549,7 +567,8 @@ bool Tile(const AttentionBackwardParams& p, const Problem& pr, const BackwardSha
         const auto c = hn::Add(lane, hn::Set(di, static_cast<int32_t>(v * nf)));
         pv = hn::IfThenElseZero(hn::RebindMask(df, hn::AndNot(hn::Lt(c, lo), hn::Lt(c, hi))), pv);
       }
-      const VF dsv = hn::Mul(scale, hn::Mul(pv, hn::Sub(hn::Load(df, dp_r + v * nf), dr)));
+      const VF dsv = hn::Mul(hn::Mul(scale, cap_grad),
+                             hn::Mul(pv, hn::Sub(hn::Load(df, dp_r + v * nf), dr)));
       hn::Store(pv, df, s_r + v * nf);
       hn::Store(dsv, df, dp_r + v * nf);
     }

@@ -88,6 +88,10 @@ void Run(const AttentionParams& p, const Problem& pr) {
               for (int64_t j = range.lo; j < range.hi; ++j) s[j] += qd * kd[j];
             }
             for (int64_t j = range.lo; j < range.hi; ++j) s[j] *= scale;
+            if (p.mask.softcap > 0) {  // s = C tanh(s / C), before the mask
+              const T cap = static_cast<T>(p.mask.softcap);
+              for (int64_t j = range.lo; j < range.hi; ++j) s[j] = cap * std::tanh(s[j] / cap);
+            }
             if (p.mask.mask.present()) {
               for (int64_t j = range.lo; j < range.hi; ++j) {
                 const T m = MaskValue<T>(p.mask.mask, b, h, i, j);

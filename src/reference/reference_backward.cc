@@ -60,6 +60,10 @@ void Run(const AttentionBackwardParams& p, const Problem& pr) {
   std::vector<T> k_p(static_cast<size_t>(nk * dk)), v_p(static_cast<size_t>(nk * dv));
   std::vector<T> dk_acc(k_p.size()), dv_acc(v_p.size());
   std::vector<T> prob(static_cast<size_t>(kRefRows * nk)), ds(prob.size());
+  // Soft-capping: d(capped)/d(raw) per pair, 1 - tanh^2. dS stays the
+  // gradient at the capped score (what dmask is: the mask is added after
+  // the cap); dq and dk take dS times it.
+  std::vector<T> cap_grads(p.mask.softcap > 0 ? prob.size() : 0);
   std::vector<uint8_t> allowed(prob.size());
   std::vector<T> q_blk(static_cast<size_t>(kRefRows * dk)), do_blk(static_cast<size_t>(kRefRows * dv));
   int64_t row_b[kRefRows], row_h[kRefRows], row_i[kRefRows];
@@ -116,6 +120,14 @@ void Run(const AttentionBackwardParams& p, const Problem& pr) {
               T s = T(0);
               for (int64_t d = 0; d < dk; ++d) s += q_r[d] * k_p[j * dk + d];
               s *= scale;
+              // Soft-capping: s = C tanh(s / C); dS then carries its
+              // derivative 1 - tanh^2 back to the raw score.
+              T cap_grad = T(1);
+              if (p.mask.softcap > 0) {
+                const T cap = static_cast<T>(p.mask.softcap), t = std::tanh(s / cap);
+                s = cap * t;
+                cap_grad = T(1) - t * t;
+              }
               if (mask.present()) {
                 const T m = MaskValue<T>(mask, b, h, i, j);
                 s = m == kNegInf ? kNegInf : s + m;
@@ -127,7 +139,9 @@ void Run(const AttentionBackwardParams& p, const Problem& pr) {
               for (int64_t d = 0; d < dv; ++d) dp += do_r[d] * v_p[j * dv + d];
               p_r[j] = pj;
               ds_r[j] = pj * (dp - d_i);
-              for (int64_t d = 0; d < dk; ++d) dq_r[d] += ds_r[j] * k_p[j * dk + d];
+              if (!cap_grads.empty()) cap_grads[r * nk + j] = cap_grad;
+              const T ds_raw = ds_r[j] * cap_grad;
+              for (int64_t d = 0; d < dk; ++d) dq_r[d] += ds_raw * k_p[j * dk + d];
             }
           }
           for (int64_t d = 0; d < dk; ++d)
@@ -140,7 +154,8 @@ void Run(const AttentionBackwardParams& p, const Problem& pr) {
           T* dv_j = dv_acc.data() + j * dv;
           for (int64_t r = 0; r < rows; ++r) {
             if (!allowed[r * nk + j]) continue;
-            const T pj = prob[r * nk + j], dsj = scale * ds[r * nk + j];
+            const T pj = prob[r * nk + j];
+            const T dsj = scale * ds[r * nk + j] * (cap_grads.empty() ? T(1) : cap_grads[r * nk + j]);
             for (int64_t d = 0; d < dv; ++d) dv_j[d] += pj * do_blk[r * dv + d];
             for (int64_t d = 0; d < dk; ++d) dk_j[d] += dsj * q_blk[r * dk + d];
           }
