@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <memory>
 #include <random>
@@ -36,6 +37,7 @@ struct BenchFlags {
   int64_t seq_kv = -1;
   bool causal = false;
   std::string sparse;  // block-sparse layout spec (qkv/sparse.h)
+  double softcap = 0.0;
   int threads = 0;
   std::string kernel = "auto";
   std::string dtype = "f32";
@@ -123,6 +125,10 @@ int RunBench(const BenchFlags& f) {
   p.v = TensorView::Contiguous(v.data(), dtype, {batch, kv_heads, seq_kv, dim});
   p.out = MutableTensorView::Contiguous(out.data(), dtype, {batch, heads, seq_q, dim});
   p.mask.causal = f.causal;
+  if (!(f.softcap >= 0.0) || !std::isfinite(f.softcap)) {
+    throw Error("--softcap: " + std::to_string(f.softcap) + " (expected a finite cap > 0, or 0 for none)");
+  }
+  p.mask.softcap = f.softcap;
   BlockLayout layout;
   if (!f.sparse.empty()) {
     layout = ParseSparseLayout(f.sparse, seq_q, seq_kv, "sparse");
@@ -175,7 +181,7 @@ int RunBench(const BenchFlags& f) {
       {"peak_rss_bytes", PeakRssBytes()}, {"kernel", KernelName(info.kernel)},
       {"kernel_reason", info.reason}, {"threads", info.threads},
       {"simd_target", info.simd_target}, {"scratch_bytes", info.scratch_bytes},
-      {"sparse", f.sparse}, {"tiles", info.tiles},
+      {"sparse", f.sparse}, {"softcap", f.softcap}, {"tiles", info.tiles},
       {"tiles_present", f.sparse.empty() ? nlohmann::json(nullptr) : nlohmann::json(layout.Count())}};
   if (f.json) {
     std::printf("%s\n", j.dump().c_str());
@@ -206,6 +212,9 @@ Runner AddBenchCommand(CLI::App& app) {
       "--sparse", f.sparse,
       "Block-sparse layout of 64 x 64 tiles, only those computed (as qkv attend --sparse); "
       "flops count the pairs of the tiles present"));
+  f.prefill_only.push_back(cmd->add_option(
+      "--softcap", f.softcap,
+      "Logit soft-capping C (Gemma 2): s = C tanh(scale q.k / C) before the mask; 0 = none"));
   cmd->add_option("--threads", f.threads, "Threads (0 = all cores)")->capture_default_str();
   f.prefill_only.push_back(cmd->add_option("--kernel", f.kernel, "Kernel")
                                ->check(CLI::IsMember(KernelNames()))

@@ -155,7 +155,6 @@ struct FlashLayout {
 #include "hwy/highway.h"
 #include "kernels/convert-inl.h"
 #include "kernels/exp2-inl.h"
-#include "hwy/contrib/math/math-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace qkv::internal::HWY_NAMESPACE {
@@ -564,13 +563,13 @@ void FlashRunThread(const AttentionParams& p, const Problem& pr, std::atomic<int
 
       // Soft-capping (MaskSpec::softcap = C): S2 = C2 tanh(S2 / C2) with
       // C2 = C log2(e) (S is in base 2), on every computed key, before the
-      // mask is added. Highway's Tanh; a NaN score stays NaN.
+      // mask is added. TanhViaExp2 (exp2-inl.h); a NaN score stays NaN.
       if (softcap2 > 0) {
         const VF c2 = hn::Set(df, softcap2), inv = hn::Set(df, 1.0f / softcap2);
         for (int64_t r = 0; r < lanes; r += nf) {
           for (int64_t c = c0; c < vec_end[r / nf]; ++c) {
             float* sp = s_t + c * kBr + r;
-            hn::Store(hn::Mul(c2, hn::Tanh(df, hn::Mul(hn::Load(df, sp), inv))), df, sp);
+            hn::Store(hn::Mul(c2, TanhViaExp2(df, hn::Mul(hn::Load(df, sp), inv))), df, sp);
           }
         }
       }

@@ -165,7 +165,6 @@ struct BackwardShared {
 #include "hwy/highway.h"
 #include "kernels/convert-inl.h"
 #include "kernels/exp2-inl.h"
-#include "hwy/contrib/math/math-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace qkv::internal::HWY_NAMESPACE {
@@ -549,7 +548,7 @@ bool Tile(const AttentionBackwardParams& p, const Problem& pr, const BackwardSha
       VF sv = hn::Load(df, s_r + v * nf);
       VF cap_grad = one;
       if (softcap2 > 0) {
-        const VF th = hn::Tanh(df, hn::Mul(sv, inv_c2));
+        const VF th = TanhViaExp2(df, hn::Mul(sv, inv_c2));
         sv = hn::Mul(c2, th);
         cap_grad = hn::NegMulAdd(th, th, one);
       }
