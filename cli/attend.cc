@@ -6,6 +6,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attention_flags.h"
@@ -13,6 +14,7 @@
 #include "common.h"
 #include "qkv/attention.h"
 #include "qkv/error.h"
+#include "qkv/linear_attention.h"
 #include "qkv/version.h"
 #include "qkv/npy.h"
 
@@ -21,7 +23,67 @@ namespace {
 
 struct AttendFlags : AttentionFlags {
   std::string q, k, v, out, weights, lse;
+  std::string linear;  // feature map: linear attention instead of softmax
 };
+
+// --linear: Katharopoulos et al.'s linear attention (qkv/linear_attention.h)
+// on the same inputs. It has no scale, mask rule but causal, lse or weights:
+// each of those flags is refused by name rather than ignored.
+int RunLinear(const AttendFlags& f, const Input& q, const Input& k, const Input& v, bool bshd,
+              bool random) {
+  const std::vector<std::pair<const char*, bool>> refused = {
+      {"--mask", !f.mask.empty()},          {"--key-lengths", !f.key_lengths.empty()},
+      {"--window", !f.window.empty()},      {"--causal-top-left", f.causal_top_left},
+      {"--scale", f.scale.has_value()},     {"--sparse", !f.sparse.empty()},
+      {"--block-mask", !f.block_mask.empty()}, {"--sink-logits", !f.sink_logits.empty()},
+      {"--softcap", f.softcap > 0},         {"--attn-weights", !f.weights.empty()},
+      {"--lse", !f.lse.empty()},            {"--kernel", f.kernel != "auto"},
+      {"--accumulate", f.accumulate != "f32"}};
+  for (const auto& [flag, given] : refused) {
+    if (given) {
+      throw Error(std::string(flag) + ": not with --linear (linear attention has no scale, " +
+                  "softmax, lse or weights, and only --causal of the mask rules)");
+    }
+  }
+  const int64_t batch = q.view.shape[0], heads = q.view.shape[1], seq_q = q.view.shape[2];
+  const int64_t head_dim_v = v.view.shape[3];
+  const DType out_dtype = q.view.dtype;
+  const double out_elems = 1.0 * batch * heads * seq_q * head_dim_v;
+  CheckFitsInMemory("the output (--out)", out_elems * DTypeSize(out_dtype));
+  std::vector<unsigned char> out(static_cast<size_t>(out_elems) * DTypeSize(out_dtype));
+  LinearAttentionParams p;
+  p.q = q.view, p.k = k.view, p.v = v.view;
+  p.out = bshd ? MutableTensorView::FromBSHD(out.data(), out_dtype, batch, seq_q, heads, head_dim_v)
+               : MutableTensorView::Contiguous(out.data(), out_dtype, {batch, heads, seq_q, head_dim_v});
+  try {
+    p.feature_map = FeatureMapFromName(f.linear);
+  } catch (const Error& e) {
+    throw Error("--linear: " + std::string(e.what()));
+  }
+  p.causal = f.causal;
+  p.num_threads = f.threads;
+  const auto start = std::chrono::steady_clock::now();
+  const LinearAttentionInfo info = LinearAttention(p);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (!f.out.empty()) {
+    OutputSet outputs;
+    outputs.Add(f.out, out_dtype,
+                bshd ? std::vector<int64_t>{batch, seq_q, heads, head_dim_v}
+                     : std::vector<int64_t>{batch, heads, seq_q, head_dim_v},
+                out.data());
+    outputs.Commit();
+  }
+  if (f.verbose || random) {
+    std::printf("linear attention (%s): %s, chunk %lld; %s; threads %d; state %s, scratch %s; "
+                "%.4f s, peak memory %s\n",
+                f.linear.c_str(), info.path.c_str(), static_cast<long long>(info.chunk),
+                info.simd_target.c_str(), info.threads,
+                HumanBytes(static_cast<double>(info.state_bytes)).c_str(),
+                HumanBytes(static_cast<double>(info.scratch_bytes)).c_str(), seconds,
+                HumanBytes(static_cast<double>(PeakRssBytes())).c_str());
+  }
+  return 0;
+}
 
 int RunAttend(const AttendFlags& f) {
   const bool bshd = f.layout == "bshd";
@@ -56,6 +118,7 @@ int RunAttend(const AttendFlags& f) {
     k = LoadTensor(f.k, "--k", bshd);
     v = LoadTensor(f.v, "--v", bshd);
   }
+  if (!f.linear.empty()) return RunLinear(f, q, k, v, bshd, random);
   const int64_t batch = q.view.shape[0], heads = q.view.shape[1], seq_q = q.view.shape[2];
   const int64_t seq_kv = k.view.shape[2], head_dim_v = v.view.shape[3];
 
@@ -152,6 +215,10 @@ Runner AddAttendCommand(CLI::App& app) {
   cmd->add_option("--out", f.out, "Output .npy in Q's layout and dtype, [B,H,Nq,Dv] or [B,Nq,H,Dv]");
   cmd->add_option("--attn-weights", f.weights, "Write attention weights .npy, float32 [B,H,Nq,Nk]");
   cmd->add_option("--lse", f.lse, "Write log-sum-exp of each row .npy, float32 [B,H,Nq]");
+  cmd->add_option("--linear", f.linear,
+                  "Linear attention (Katharopoulos et al. 2020) with this feature map instead of "
+                  "softmax: O(n) time, --causal chunked (docs/complexity.md)")
+      ->check(CLI::IsMember({"elu", "relu", "identity"}));
   AddAttentionFlags(cmd, f, "Q, K, V and the output");
   return [flags] { return RunAttend(*flags); };
 }
