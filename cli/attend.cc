@@ -159,7 +159,7 @@ int RunAttend(const AttendFlags& f) {
   }
 
   const auto start = std::chrono::steady_clock::now();
-  const AttentionInfo info = Attention(p);
+  const AttentionInfo info = WithElapsedProgress("qkv attend", [&] { return Attention(p); });
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 

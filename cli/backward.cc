@@ -195,7 +195,8 @@ int RunBackward(const BackwardFlags& f) {
   std::vector<float> dsink(f.dsink.empty() ? 0 : mask_inputs.sink_logits.size());
   p.dsink_logits = dsink;
   const auto start = std::chrono::steady_clock::now();
-  const AttentionInfo info = AttentionBackward(p);
+  const AttentionInfo info =
+      WithElapsedProgress("qkv backward", [&] { return AttentionBackward(p); });
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 

@@ -470,9 +470,11 @@ double MonotonicSeconds() {
 }
 }  // namespace
 
+bool StderrIsTerminal() { return isatty(STDERR_FILENO) != 0; }
+
 Progress::Progress(std::string what, std::string unit, int64_t total)
     : what_(std::move(what)), unit_(std::move(unit)), total_(total),
-      enabled_(isatty(STDERR_FILENO) != 0), last_(MonotonicSeconds()) {}
+      enabled_(StderrIsTerminal()), last_(MonotonicSeconds()) {}
 
 void Progress::Done(int64_t done) {
   if (!enabled_ || done >= total_) return;

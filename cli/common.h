@@ -2,7 +2,13 @@
 #ifndef QKV_CLI_COMMON_H_
 #define QKV_CLI_COMMON_H_
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <optional>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -98,6 +104,9 @@ class OutputSet {
 
 // Progress of a long run on stderr, only when stderr is a terminal (so
 // logs and tests never see it): "qkv bench: 3/10 runs" at most every 2 s.
+// True when stderr is a terminal (progress lines are for people, not logs).
+bool StderrIsTerminal();
+
 class Progress {
  public:
   Progress(std::string what, std::string unit, int64_t total);
@@ -109,6 +118,40 @@ class Progress {
   bool enabled_;
   double last_;
 };
+
+// Runs `work` and returns its result; when stderr is a terminal, `work`
+// runs on a worker thread while this one prints "qkv attend: running, 4 s"
+// every 2 s (one attention call has no finer progress to report). Results
+// and exceptions are those of `work`, whichever thread ran it.
+template <class F>
+auto WithElapsedProgress(const std::string& what, F&& work) -> decltype(work()) {
+  if (!StderrIsTerminal()) return work();
+  std::optional<decltype(work())> result;
+  std::exception_ptr error;
+  std::atomic<bool> done{false};
+  std::thread worker([&] {
+    try {
+      result.emplace(work());
+    } catch (...) {
+      error = std::current_exception();
+    }
+    done.store(true, std::memory_order_release);
+  });
+  const auto start = std::chrono::steady_clock::now();
+  auto last = start;
+  while (!done.load(std::memory_order_acquire)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last >= std::chrono::seconds(2)) {
+      std::fprintf(stderr, "%s: running, %.0f s\n", what.c_str(),
+                   std::chrono::duration<double>(now - start).count());
+      last = now;
+    }
+  }
+  worker.join();
+  if (error) std::rethrow_exception(error);
+  return std::move(*result);
+}
 
 // The lines of --input PATH, one input per line (a final newline ends the
 // last line; a "\r" before "\n" is dropped, so CRLF files read as their lines).

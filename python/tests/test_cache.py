@@ -654,6 +654,10 @@ CLI = os.path.join(os.path.dirname(__file__), "..", "..", "build", "release", "q
 @pytest.mark.parametrize("cfg", PLANS, ids=[str(i) for i in range(len(PLANS))])
 def test_memory_plan_equals_cli_json(cfg):
     """qkv.memory_plan prints the same numbers as `qkv memory --json`."""
+    # threads 0 (every core) resolves per process (torch may have set this
+    # one's OpenMP count): compare at an explicit count.
+    cfg = dict(cfg)
+    cfg.setdefault("threads", 1)
     args = [CLI, "memory", "--json"]
     for key, value in cfg.items():
         flag = {"window": "cache_window", "dtype": "cache_dtype"}.get(key, key)
