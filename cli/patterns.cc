@@ -8,6 +8,7 @@
 #include <string>
 
 #include "commands.h"
+#include "inspect/markup.h"
 #include "common.h"
 #include "qkv/error.h"
 
@@ -43,20 +44,7 @@ int RunPatterns(const PatternsFlags& f) {
   if (f.json) {
     nlohmann::json list = nlohmann::json::array();
     for (const inspect::HeadPattern& p : heads) {
-      list.push_back({{"layer", p.layer},
-                      {"head", p.head},
-                      {"label", p.label},
-                      {"rows", p.rows},
-                      {"self", p.self},
-                      {"previous", p.previous},
-                      {"next", p.next},
-                      {"first", p.first},
-                      {"last", p.last},
-                      {"punct", p.punct},
-                      {"local", p.local},
-                      {"entropy", p.entropy},
-                      {"normalized_entropy", p.normalized_entropy},
-                      {"sparse", p.sparse}});
+      list.push_back(inspect::internal::PatternJson(p));
     }
     text = list.dump(1) + "\n";
   } else {

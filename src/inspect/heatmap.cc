@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "inspect/markup.h"
 #include "qkv/error.h"
 
 namespace qkv::inspect {
@@ -21,32 +22,6 @@ namespace {
 constexpr std::array<std::array<double, 3>, 5> kAnchors = {
     {{68, 1, 84}, {59, 82, 139}, {33, 145, 140}, {94, 201, 98}, {253, 231, 37}}};
 
-std::string Escape(const std::string& text) {
-  std::string out;
-  for (const char c : text) {
-    switch (c) {
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '&':
-        out += "&amp;";
-        break;
-      case '"':
-        out += "&quot;";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          out += ' ';
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out;
-}
 
 std::string Label(const std::vector<std::string>& labels, int64_t i) {
   return labels.empty() ? std::to_string(i) : labels[static_cast<size_t>(i)];
@@ -167,13 +142,14 @@ std::string RenderSvg(const Heatmap& m) {
       const double x = static_cast<double>(x0 + j * cell) + cell * 0.7;
       std::snprintf(buf, sizeof buf,
                     "<text transform=\"translate(%.1f,%lld) rotate(-60)\">%s</text>\n", x,
-                    static_cast<long long>(y0 - 4), Escape(Label(m.col_labels, j)).c_str());
+                    static_cast<long long>(y0 - 4),
+                    internal::EscapeMarkup(Label(m.col_labels, j)).c_str());
       s += buf;
     }
     for (int64_t i = 0; i < m.rows; ++i) {
       std::snprintf(buf, sizeof buf, "<text x=\"%lld\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n",
                     static_cast<long long>(x0 - 4), static_cast<double>(y0 + i * cell) + cell * 0.8,
-                    Escape(Label(m.row_labels, i)).c_str());
+                    internal::EscapeMarkup(Label(m.row_labels, i)).c_str());
       s += buf;
       for (int64_t j = 0; j < m.cols; ++j) {
         const float w = m.weights[h][static_cast<size_t>(i * m.cols + j)];

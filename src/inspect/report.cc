@@ -11,6 +11,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 
+#include "inspect/markup.h"
 #include "inspect/report_page.h"
 #include "qkv/error.h"
 #include "qkv/inspect/heatmap.h"
@@ -18,30 +19,6 @@
 namespace qkv::inspect {
 namespace {
 
-// Text for the <title> element: markup characters as entities, control
-// characters as spaces.
-std::string EscapeHtml(const std::string& text) {
-  std::string out;
-  for (const char c : text) {
-    switch (c) {
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '&':
-        out += "&amp;";
-        break;
-      case '"':
-        out += "&quot;";
-        break;
-      default:
-        out += static_cast<unsigned char>(c) < 0x20 ? ' ' : c;
-    }
-  }
-  return out;
-}
 
 // JSON that can sit inside <script type="application/json">: '<', '>' and
 // '&' occur only inside JSON strings, where \u003c etc. mean the same, so
@@ -135,20 +112,7 @@ std::string RenderReport(const AttentionDump& d, const std::vector<HeadPattern>&
                   std::to_string(p.layer) + ", head " + std::to_string(p.head) +
                   " (expected ClassifyHeads' order: by layer, then head)");
     }
-    patterns.push_back({{"layer", p.layer},
-                        {"head", p.head},
-                        {"label", p.label},
-                        {"rows", p.rows},
-                        {"self", p.self},
-                        {"previous", p.previous},
-                        {"next", p.next},
-                        {"first", p.first},
-                        {"last", p.last},
-                        {"punct", p.punct},
-                        {"local", p.local},
-                        {"entropy", p.entropy},
-                        {"normalized_entropy", p.normalized_entropy},
-                        {"sparse", p.sparse}});
+    patterns.push_back(internal::PatternJson(p));
   }
   meta["patterns"] = std::move(patterns);
 
@@ -180,7 +144,7 @@ std::string RenderReport(const AttentionDump& d, const std::vector<HeadPattern>&
       {"base64", Base64(bytes)}};
 
   std::string page = internal::kReportHead;
-  page += "qkv report: " + EscapeHtml(title);
+  page += "qkv report: " + internal::EscapeMarkup(title);
   page += internal::kReportStyle;
   page +=
       "<script type=\"application/json\" id=\"qkv-meta\">" + ScriptSafeJson(meta) + "</script>\n";
